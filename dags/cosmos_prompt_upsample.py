@@ -1,0 +1,139 @@
+"""
+# Cosmos prompt upsampling
+
+Turns short Cosmos `PromptSpec` prompts into long, precise video descriptions with a vision-language model that
+also sees a few low-resolution frames (the *hint*) of each prompt's video.
+
+**discover** the `*.json` specs of `input_dir` (up-to-date outputs are `cached`) ->
+**validate** chunks of specs: probe videos, size the hint to the exact token budget, extract frames ->
+**batch** valid items into model jobs ->
+**upsample** each job with one model load (runner `local` here, or `docker` on GPU hosts over SSH) ->
+**merge_metadata** into `output_dir/specs/<id>.json` ->
+**report** to `output_dir/reports/<run_id>.json|html` (also under *Upsample reports* in the UI).
+
+A Param left empty falls back to the Variable `cosmos_upsample_<name>`, then `COSMOS_UPSAMPLE_<NAME>`, then the
+built-in default. Re-runs redo only what changed; a retried job resumes from its results ledger.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from airflow.sdk import Asset, Param, dag, task
+
+from include.cosmos_upsample.settings import ASSET_URI, DAG_ID
+
+UPSAMPLED_PROMPTS = Asset(ASSET_URI)
+
+
+def _param(types: list[str], title: str, description: str, section: str, **schema) -> Param:
+    # Every Param may stay empty (null): then the deployment default applies, resolved at run time.
+    return Param(None, type=[*types, "null"], title=title, description=description, section=section, **schema)
+
+
+PARAMS = {
+    "input_dir": _param(["string"], "Input folder", "Folder (or URL) of *.json PromptSpecs.", "Data"),
+    "output_dir": _param(["string"], "Output folder", "Where specs/, reports/, hints/ and jobs/ go.", "Data"),
+    "runner": _param(["string"], "Runner", "local: on this worker. docker: on GPU hosts over SSH.", "Compute",
+                     enum=["local", "docker", None]),
+    "gpu_conn_ids": _param(["array"], "GPU hosts", "SSH connection ids of the GPU hosts (runner docker).",
+                           "Compute", items={"type": "string"}),
+    "backend": _param(["string"], "Backend", "vllm: the Pixtral-family VLM on GPU. llama_cpp: small local model.",
+                      "Model", enum=["vllm", "llama_cpp", None]),
+    "model": _param(["string"], "Model", "Model id or path; empty: the backend's default.", "Model"),
+    "max_model_len": _param(["integer"], "Context length", "The model's context in tokens (4096).", "Model",
+                            minimum=256),
+    "max_output_tokens": _param(["integer"], "Answer tokens", "Tokens reserved for the answer (300).", "Model",
+                                minimum=1),
+    "num_frames": _param(["integer"], "Frames", "Hint frames shown per prompt (2).", "Hint", minimum=1, maximum=16),
+    "hint_resolution": _param(["string"], "Hint size", "auto (largest that fits the budget) or WxH.", "Hint",
+                              pattern=r"^(auto|\d+x\d+)$"),
+    "batch_max_items": _param(["integer"], "Prompts per job", "Most prompts per model load (128).", "Compute",
+                              minimum=1),
+    "force": _param(["boolean"], "Force", "Upsample again even if an up-to-date result exists.", "Run"),
+    "max_failure_ratio": _param(["number"], "Failure ratio", "The run fails above this share failed (0.05).",
+                                "Run", minimum=0, maximum=1),
+    "dry_run": _param(["boolean"], "Dry run", "Plan only: validate, count tokens, batch, report; no model.", "Run"),
+    "sampling": _param(["object"], "Sampling", "temperature, top_p, repetition_penalty, seed.", "Model"),
+}
+
+DEFAULT_ARGS = {
+    "owner": "cosmos",
+    "retries": 3,
+    "retry_delay": dt.timedelta(seconds=5),
+    "retry_exponential_backoff": True,
+    "max_retry_delay": dt.timedelta(minutes=10),
+}
+
+
+@dag(
+    dag_id=DAG_ID,
+    schedule="@daily",
+    start_date=dt.datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    params=PARAMS,
+    default_args=DEFAULT_ARGS,
+    tags=["cosmos", "upsampling", "vlm"],
+    doc_md=__doc__,
+)
+def cosmos_prompt_upsample():
+    @task
+    def discover(params=None, run_id=None, ti=None):
+        import os
+
+        from airflow.sdk import Variable
+
+        from include.cosmos_upsample import stages
+
+        run_dir, chunks = stages.discover(params, run_id, lambda key: Variable.get(key, default=None), os.environ)
+        ti.xcom_push(key="run_dir", value=str(run_dir))
+        return chunks
+
+    @task(map_index_template="{{ chunk_label }}")
+    def validate(chunk: str):
+        from airflow.sdk import get_current_context
+
+        from include.cosmos_upsample import stages
+
+        get_current_context()["chunk_label"] = chunk.rsplit("/", 1)[-1]
+        return stages.validate_chunk(chunk)
+
+    @task
+    def batch(validated: list[str]):
+        from include.cosmos_upsample import stages
+
+        return stages.batch(list(validated))
+
+    @task(map_index_template="{{ job_label }}")
+    def upsample(job: dict, ti=None):
+        from airflow.sdk import get_current_context
+
+        from include.cosmos_upsample import stages
+
+        get_current_context()["job_label"] = f"job {job['job_key'] or '-'} ({job['items']} prompts)"
+        return stages.upsample(job, ti.map_index)
+
+    # all_done: a job that failed after its retries still gets its items reported as failed.
+    @task(trigger_rule="all_done")
+    def merge_metadata(run_dir: str, run_id=None):
+        from include.cosmos_upsample import stages
+
+        return stages.merge(run_dir, run_id)
+
+    @task(outlets=[UPSAMPLED_PROMPTS])
+    def report(run_dir: str, merged: str, run_id=None, dag_run=None, ti=None):
+        from include.cosmos_upsample import stages
+
+        return stages.report(run_dir, run_id, DAG_ID, dag_run.start_date.isoformat(),
+                             publish=lambda location: ti.xcom_push(key="report_location", value=location))
+
+    chunks = discover()
+    run_dir = chunks["run_dir"]
+    jobs = batch(validate.expand(chunk=chunks))
+    merged = merge_metadata(run_dir)
+    upsample.expand(job=jobs) >> merged
+    report(run_dir, merged)
+
+
+cosmos_prompt_upsample()

@@ -1,0 +1,87 @@
+"""Where everything lives under `output_dir`; the one place that names these folders.
+
+    specs/<spec_id>.json              upsampled PromptSpecs (the product)
+    reports/<run_id>.json|.html       run reports
+    hints/<hint_key>/frame-NN.jpg     hint frames, cached by content key (shared by runs)
+    jobs/<job_key>/                   one model job: manifest.json, ledger.jsonl (the checkpoint), logs
+    runs/<run_id>/                    one run's plan: settings, chunks, validated items, plan.json, merged.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._+=:@-]")
+
+
+def safe_name(value: str) -> str:
+    """A run id as a single path component: Airflow run ids hold ':' and '+', which are fine; '/' is not."""
+    cleaned = _UNSAFE_NAME.sub("_", value).lstrip(".")
+    return cleaned or "_"
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    root: Path
+
+    @classmethod
+    def at(cls, output_dir: str | Path) -> OutputLayout:
+        return cls(Path(output_dir).expanduser().resolve())
+
+    @property
+    def specs_dir(self) -> Path:
+        return self.root / "specs"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def hints_dir(self) -> Path:
+        return self.root / "hints"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.root / "jobs"
+
+    def spec_path(self, spec_id: str) -> Path:
+        return self.specs_dir / f"{spec_id}.json"
+
+    def report_paths(self, run_id: str) -> tuple[Path, Path]:
+        name = safe_name(run_id)
+        return self.reports_dir / f"{name}.json", self.reports_dir / f"{name}.html"
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.root / "runs" / safe_name(run_id)
+
+    def job_dir(self, job_key: str) -> Path:
+        return self.jobs_dir / job_key
+
+    def hint_dir(self, hint_key: str) -> Path:
+        return self.hints_dir / hint_key
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Readers never see a half-written file: write a temp file in the same folder, fsync, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, ensure_ascii=False)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -1,0 +1,68 @@
+"""The run report: JSON (the interface in DESIGN.md) and a self-contained HTML page (Jinja2, autoescaped)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from include.cosmos_upsample.items import Item
+from include.cosmos_upsample.layout import OutputLayout, write_json_atomic
+from include.cosmos_upsample.settings import Settings
+
+COUNT_KEYS = ("discovered", "upsampled", "cached", "invalid", "failed")
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+class TooManyFailures(RuntimeError):
+    """More specs failed than max_failure_ratio allows; the report is written first."""
+
+
+def count_items(items: list[Item]) -> dict[str, int]:
+    by_status = Counter(item.status for item in items)
+    counts = {"discovered": len(items), **{key: by_status.get(key, 0) for key in COUNT_KEYS[1:]}}
+    if by_status.get("planned"):
+        counts["planned"] = by_status["planned"]
+    return counts
+
+
+def build_report(
+    *, run_id: str, dag_id: str, started_at: str, finished_at: str, settings: Settings, items: list[Item],
+    stages: dict[str, float],
+) -> dict[str, Any]:
+    counts = count_items(items)
+    return {
+        "run_id": run_id,
+        "dag_id": dag_id,
+        "started_at": started_at,
+        "finished_at": finished_at,
+        "params": settings.model_dump(mode="json"),
+        "counts": counts,
+        "items": [item.report_dict() for item in items],
+        "stages": {name: round(seconds, 3) for name, seconds in stages.items()},
+        "state": "failed" if failure_exceeded(counts, settings.max_failure_ratio) else "success",
+        "backend": settings.backend,
+        "model": settings.model_id,
+        "dry_run": settings.dry_run,
+    }
+
+
+def failure_exceeded(counts: dict[str, int], max_failure_ratio: float) -> bool:
+    return bool(counts["discovered"]) and counts["failed"] / counts["discovered"] > max_failure_ratio
+
+
+def render_html(report: dict[str, Any]) -> str:
+    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "j2"]))
+    return env.get_template("report.html.j2").render(report=report)
+
+
+def write_report(layout: OutputLayout, report: dict[str, Any]) -> tuple[Path, Path]:
+    json_path, html_path = layout.report_paths(report["run_id"])
+    write_json_atomic(json_path, report)
+    html_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = html_path.with_name(f".{html_path.name}.tmp")
+    tmp.write_text(render_html(report), encoding="utf-8")
+    tmp.replace(html_path)
+    return json_path, html_path

@@ -1,0 +1,120 @@
+"""PromptSpec files: the model, loading with reasons a user can act on, and safe video paths."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+# Spec ids become file names under output_dir/specs, so they must be a single harmless path component.
+SPEC_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; the message is the report's `reason`."""
+
+
+class PromptSpec(BaseModel):
+    # Unknown fields are kept (extra="allow") so a round trip through this model loses nothing.
+    model_config = ConfigDict(extra="allow")
+
+    id: str | None = None
+    name: str = ""
+    prompt: str
+    negative_prompt: str | None = ""
+    input_video_path: str | None = None
+    control_inputs: dict[str, Any] = Field(default_factory=dict)
+    timestamp: str | None = None
+    is_upsampled: bool = False
+    parent_prompt_text: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+def load_spec(path: Path) -> PromptSpec:
+    """Parse a spec file, or raise SpecError naming the file and what to fix."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise SpecError(f"{path.name}: cannot be read ({exc.strerror}); check the file's permissions") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path.name}: not valid UTF-8 (byte {exc.start}); save the file as UTF-8") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"{path.name}: broken JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path.name}: JSON is a {type(data).__name__}, expected an object with a 'prompt'")
+    if not isinstance(data.get("prompt"), str) or not data["prompt"].strip():
+        raise SpecError(f"{path.name}: missing prompt; add a non-empty \"prompt\" string")
+    try:
+        spec = PromptSpec.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise SpecError(f"{path.name}: field '{where}': {first['msg']}") from None
+    if spec.id is None:
+        spec.id = path.stem
+    if not SPEC_ID_PATTERN.match(spec.id):
+        raise SpecError(
+            f"{path.name}: id {spec.id!r} is not usable as a file name; use letters, digits, '.', '_' or '-' "
+            "(at most 128, starting with a letter or digit)"
+        )
+    return spec
+
+
+def is_within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def resolve_video(spec: PromptSpec, spec_path: Path, input_dir: Path) -> Path:
+    """The spec's video as a real path inside input_dir; symlinks and '..' that leave it are refused."""
+    if not spec.input_video_path:
+        raise SpecError(f"{spec_path.name}: no input_video_path; add the path of the prompt's video")
+    root = input_dir.resolve()
+    candidate = Path(spec.input_video_path)
+    if not candidate.is_absolute():
+        candidate = root / candidate
+    real = Path(os.path.realpath(candidate))
+    if not is_within(real, root):
+        raise SpecError(
+            f"{spec_path.name}: input_video_path {spec.input_video_path!r} leaves input_dir {str(root)!r}; "
+            "keep videos inside input_dir"
+        )
+    if not real.exists():
+        raise SpecError(f"{spec_path.name}: video {spec.input_video_path!r} not found under input_dir")
+    if not real.is_file():
+        raise SpecError(f"{spec_path.name}: video {spec.input_video_path!r} is not a regular file")
+    if real.stat().st_size == 0:
+        raise SpecError(f"{spec_path.name}: video {spec.input_video_path!r} is empty (0 bytes); replace it")
+    return real
+
+
+def file_identity(path: Path) -> str:
+    """Cheap identity of a (possibly large) file: a changed video gets a new size or mtime."""
+    stat = path.stat()
+    return f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def content_key(spec_bytes: bytes, video_identity: str, settings_fingerprint: str) -> str:
+    """Same spec bytes, same video and same settings: the same answer, so the output can be reused."""
+    digest = hashlib.sha256()
+    for part in (spec_bytes, video_identity.encode(), settings_fingerprint.encode()):
+        digest.update(hashlib.sha256(part).digest())
+    return digest.hexdigest()[:32]
+
+
+def upsampled_spec(spec: PromptSpec, new_prompt: str, provenance: dict[str, Any]) -> dict[str, Any]:
+    """The output spec: new prompt, original kept in parent_prompt_text, provenance in metadata.upsampling."""
+    data = spec.model_dump(mode="json")
+    data["prompt"] = new_prompt
+    data["is_upsampled"] = True
+    data["parent_prompt_text"] = spec.prompt
+    data["metadata"] = {**spec.metadata, "upsampling": provenance}
+    return data

@@ -1,0 +1,247 @@
+"""The six stages of the DAG, one function each; the DAG's tasks are one call to these.
+
+Stages hand each other small dicts (settings, paths) through XCom; items travel as JSON files in the run folder
+(see layout.py), so XCom never carries frames, videos or thousands of records.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from include.cosmos_upsample.batching import VALIDATE_CHUNK_SIZE, chunk_evenly, plan_jobs
+from include.cosmos_upsample.items import Item, Tokens, invalid_item, load_items, save_items
+from include.cosmos_upsample.layout import OutputLayout, read_json, write_json_atomic
+from include.cosmos_upsample.settings import Settings, local_model_path, resolve_settings
+from include.cosmos_upsample.specs import SpecError, content_key, file_identity, load_spec, resolve_video
+
+log = logging.getLogger(__name__)
+
+SETTINGS_NAME = "settings.json"
+PLAN_NAME = "plan.json"
+MERGED_NAME = "merged.json"
+DISCOVERED_NAME = "discovered.json"
+
+
+@contextmanager
+def timed_stage(run_dir: Path, stage: str, index: int | None = None):
+    """Record a stage's seconds of work in the run folder; the report sums them per stage."""
+    started = time.monotonic()
+    yield
+    name = stage if index is None else f"{stage}-{index:04d}"
+    write_json_atomic(run_dir / "stages" / f"{name}.json", {"stage": stage, "seconds": time.monotonic() - started})
+
+
+def stage_seconds(run_dir: Path) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for path in sorted((run_dir / "stages").glob("*.json")):
+        record = read_json(path)
+        totals[record["stage"]] = totals.get(record["stage"], 0.0) + record["seconds"]
+    return totals
+
+
+def _cached_item(source: Path, spec_id: str, key: str, layout: OutputLayout, budget: int) -> Item | None:
+    """The existing output, if it was made from these very bytes, video and settings."""
+    output = layout.spec_path(spec_id)
+    try:
+        upsampling = read_json(output)["metadata"]["upsampling"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if upsampling.get("content_key") != key:
+        return None
+    data = read_json(output)
+    return Item(spec_id=spec_id, source_path=str(source), status="cached", key=key, name=data.get("name", ""),
+                tokens=Tokens(prompt=upsampling["tokens"]["prompt"], budget=budget), hint=upsampling["hint"],
+                frames_sent=upsampling.get("frames_sent", 0), output_path=str(output),
+                original_prompt=data.get("parent_prompt_text"), upsampled_prompt=data.get("prompt"))
+
+
+def classify(sources: list[Path], settings: Settings, layout: OutputLayout) -> tuple[list[Item], list[dict]]:
+    """Split discovered files into final items (cached, duplicate ids) and entries still to validate."""
+    input_dir, budget = Path(settings.input_dir), settings.token_budget
+    finals: list[Item] = []
+    pending: list[dict] = []
+    owners: dict[str, Path] = {}
+    for source in sources:
+        try:
+            spec = load_spec(source)
+        except SpecError:
+            pending.append({"source_path": str(source), "key": None})  # validation writes the reason
+            continue
+        if spec.id in owners:
+            finals.append(invalid_item(source, (
+                f"{source.name}: duplicate id {spec.id!r}, already used by {owners[spec.id].name}; "
+                "give each spec a unique id"), budget, spec_id=spec.id))
+            continue
+        owners[spec.id] = source
+        try:
+            video_identity = file_identity(resolve_video(spec, source, input_dir))
+        except (SpecError, OSError):
+            video_identity = "no-video"
+        key = content_key(source.read_bytes(), video_identity, settings.fingerprint())
+        cached = None if settings.force else _cached_item(source, spec.id, key, layout, budget)
+        if cached:
+            finals.append(cached)
+        else:
+            pending.append({"source_path": str(source), "key": key})
+    return finals, pending
+
+
+def load_settings(run_dir: Path) -> Settings:
+    """Settings are resolved once, by discover, and read back from the run folder by every later stage."""
+    return Settings.model_validate(read_json(run_dir / SETTINGS_NAME))
+
+
+def run_dir_of(chunk_path: str) -> Path:
+    """runs/<run_id>/chunks/chunk-0000.json (or validated/...) -> runs/<run_id>"""
+    return Path(chunk_path).parent.parent
+
+
+def discover(params: Mapping[str, Any], run_id: str, variable_get: Callable[[str], str | None],
+             environ: Mapping[str, str]) -> tuple[Path, list[str]]:
+    """Resolve the settings, list the specs, set cached ones aside; returns the run folder and the chunk files."""
+    settings = resolve_settings(params, variable_get, environ)
+    layout = OutputLayout.at(settings.output_dir)
+    input_dir = Path(settings.input_dir).expanduser().resolve()
+    if not input_dir.is_dir():
+        raise FileNotFoundError(
+            f"input_dir {str(input_dir)!r} is not a folder; set the input_dir Param, the Airflow Variable "
+            "cosmos_upsample_input_dir or COSMOS_UPSAMPLE_INPUT_DIR to the folder holding the *.json specs"
+        )
+    settings = settings.model_copy(update={"input_dir": str(input_dir), "output_dir": str(layout.root)})
+    run_dir = layout.run_dir(run_id)
+    with timed_stage(run_dir, "discover"):
+        write_json_atomic(run_dir / SETTINGS_NAME, settings.model_dump(mode="json"))
+        sources = sorted(path for path in input_dir.glob("*.json") if path.is_file())
+        finals, pending = classify(sources, settings, layout)
+        save_items(run_dir / DISCOVERED_NAME, finals)
+        # Always one chunk at least, so the mapped validation (and what follows) runs even with nothing to do.
+        chunks = chunk_evenly(pending, VALIDATE_CHUNK_SIZE) or [[]]
+        chunk_paths = []
+        for index, chunk in enumerate(chunks):
+            path = run_dir / "chunks" / f"chunk-{index:04d}.json"
+            write_json_atomic(path, chunk)
+            chunk_paths.append(str(path))
+    log.info("discovered %d spec files in %s: %d cached or duplicate, %d to validate in %d chunks",
+             len(sources), input_dir, len(finals), len(pending), len(chunk_paths))
+    return run_dir, chunk_paths
+
+
+def validate_chunk(chunk_path: str) -> str:
+    from include.cosmos_upsample.validate import validate_entries
+
+    chunk, run_dir = Path(chunk_path), run_dir_of(chunk_path)
+    settings = load_settings(run_dir)
+    out = run_dir / "validated" / chunk.name
+    with timed_stage(run_dir, "validate", int(chunk.stem.split("-")[-1])):
+        items = validate_entries(read_json(chunk), settings, OutputLayout.at(settings.output_dir))
+        save_items(out, items)
+    invalid = sum(item.status == "invalid" for item in items)
+    log.info("%s: %d valid, %d invalid", chunk.name, len(items) - invalid, invalid)
+    return str(out)
+
+
+def _all_items(run_dir: Path) -> list[Item]:
+    items = load_items(run_dir / DISCOVERED_NAME)
+    for path in sorted((run_dir / "validated").glob("*.json")):
+        items.extend(load_items(path))
+    return sorted(items, key=lambda item: item.source_path)
+
+
+def batch(validated: list[str]) -> list[dict[str, Any]]:
+    """Write one manifest per model job; returns the jobs to map over (at least one, maybe empty)."""
+    run = run_dir_of(validated[0])
+    settings = load_settings(run)
+    layout = OutputLayout.at(settings.output_dir)
+    with timed_stage(run, "batch"):
+        valid = {item.key: item for item in _all_items(run) if item.status == "valid"}
+        plans = plan_jobs(list(valid), settings.batch_max_items, settings.gpu_conn_ids, settings.fingerprint())
+        jobs = []
+        for plan in plans:
+            job_dir = layout.job_dir(plan.job_key)
+            manifest = {
+                "job_key": plan.job_key, "backend": settings.backend, "model": _worker_model(settings),
+                "max_model_len": settings.max_model_len, "max_output_tokens": settings.max_output_tokens,
+                "sampling": settings.sampling.model_dump(),
+                "items": [{"key": key, "spec_id": valid[key].spec_id, "text": valid[key].text,
+                           "frames": valid[key].frame_paths if settings.backend == "vllm" else []}
+                          for key in plan.item_keys],
+            }
+            if not settings.dry_run:
+                write_json_atomic(job_dir / "manifest.json", manifest)
+            jobs.append({"job_key": plan.job_key, "job_dir": str(job_dir), "conn_id": plan.conn_id,
+                         "items": len(plan.item_keys), "run_dir": str(run)})
+        write_json_atomic(run / PLAN_NAME, {"jobs": jobs})
+    log.info("%d valid items in %d job(s) of at most %d", len(valid), len(jobs), settings.batch_max_items)
+    return jobs or [{"job_key": None, "job_dir": None, "conn_id": None, "items": 0, "run_dir": str(run)}]
+
+
+def _worker_model(settings: Settings) -> str:
+    if settings.runner == "local" and settings.backend == "llama_cpp":
+        return local_model_path(settings.model_id)
+    return settings.model_id
+
+
+def upsample(job: dict[str, Any], map_index: int) -> dict[str, Any]:
+    run_dir = Path(job["run_dir"])
+    settings = load_settings(run_dir)
+    if settings.dry_run or not job["job_key"]:
+        log.info("nothing to send to a model (%s)", "dry run" if settings.dry_run else "no valid items")
+        return {"job_key": job["job_key"], "ran": False}
+    with timed_stage(run_dir, "upsample", map_index):
+        if settings.runner == "local":
+            from include.cosmos_upsample.runners import run_local_job
+
+            run_local_job(Path(job["job_dir"]))
+        else:
+            raise NotImplementedError("runner 'docker' is not available yet; use runner 'local'")
+    return {"job_key": job["job_key"], "ran": True}
+
+
+def merge(run_dir: str, run_id: str) -> str:
+    from include.cosmos_upsample.merge import merge_items
+
+    run = Path(run_dir)
+    settings = load_settings(run)
+    layout = OutputLayout.at(settings.output_dir)
+    with timed_stage(run, "merge"):
+        plan = read_json(run / PLAN_NAME) if (run / PLAN_NAME).exists() else {"jobs": []}
+        job_dirs = {}
+        for job in plan["jobs"]:
+            manifest = Path(job["job_dir"]) / "manifest.json"
+            if manifest.exists():
+                job_dirs.update({item["key"]: manifest.parent for item in read_json(manifest)["items"]})
+        items = merge_items(_all_items(run), job_dirs, layout, settings, run_id)
+        save_items(run / MERGED_NAME, items)
+    return str(run / MERGED_NAME)
+
+
+def report(run_dir: str, run_id: str, dag_id: str, started_at: str,
+           publish: Callable[[dict], None] = lambda _location: None) -> dict[str, Any]:
+    """Write the report; `publish` records where it is (the UI finds it there) even when the run then fails."""
+    import datetime as dt
+
+    from include.cosmos_upsample.report import TooManyFailures, build_report, failure_exceeded, write_report
+
+    run = Path(run_dir)
+    settings = load_settings(run)
+    with timed_stage(run, "report"):
+        items = load_items(run / MERGED_NAME)
+    finished_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    content = build_report(run_id=run_id, dag_id=dag_id, started_at=started_at, finished_at=finished_at,
+                           settings=settings, items=items, stages=stage_seconds(run))
+    json_path, html_path = write_report(OutputLayout.at(settings.output_dir), content)
+    location = {"report_json": str(json_path), "report_html": str(html_path), "counts": content["counts"]}
+    publish(location)
+    log.info("report: %s (%s); counts %s", json_path, html_path, content["counts"])
+    if failure_exceeded(content["counts"], settings.max_failure_ratio):
+        counts = content["counts"]
+        raise TooManyFailures(
+            f"{counts['failed']} of {counts['discovered']} specs failed, more than max_failure_ratio="
+            f"{settings.max_failure_ratio}; see {html_path}"
+        )
+    return location

@@ -1,0 +1,111 @@
+"""Validate one spec: parse, find the video, probe it, size the hint to the token budget, extract the frames.
+
+Every failure becomes an `invalid` item with a reason naming the file and the fix; nothing raised here stops
+the other specs of the chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from include.cosmos_upsample.items import Hint, Item, Tokens, invalid_item
+from include.cosmos_upsample.layout import OutputLayout
+from include.cosmos_upsample.prompting import build_user_text
+from include.cosmos_upsample.settings import Settings, local_model_path, parse_resolution
+from include.cosmos_upsample.specs import SpecError, file_identity, load_spec, resolve_video
+from include.cosmos_upsample.tokens import PixtralCounter, PromptTooLong, SearchingPixtralCounter, fit_hint
+from include.cosmos_upsample.video import VideoError, cached_hint, frame_times, hint_key, probe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Counters:
+    """The hint is always sized for the Pixtral family; `prompt` counts what the chosen backend receives."""
+
+    pixtral: PixtralCounter
+    prompt: object  # a TokenCounter
+    frames_sent: bool
+    lock: threading.Lock
+
+
+def make_counters(settings: Settings) -> Counters:
+    pixtral = PixtralCounter()
+    if settings.backend == "vllm":
+        return Counters(pixtral, pixtral, True, threading.Lock())
+    from include.cosmos_upsample.tokens import LlamaCppCounter
+
+    return Counters(pixtral, LlamaCppCounter(local_model_path(settings.model_id)), False, threading.Lock())
+
+
+def validate_spec(source: Path, key: str, settings: Settings, counters: Counters, layout: OutputLayout) -> Item:
+    budget = settings.token_budget
+    try:
+        spec = load_spec(source)
+        video = resolve_video(spec, source, Path(settings.input_dir))
+        label = f"{source.name}: video {spec.input_video_path!r}"
+        info = probe(video, label)
+        if info.frame_count is not None and info.frame_count < settings.num_frames:
+            raise VideoError(
+                f"{label} has {info.frame_count} frame(s), fewer than num_frames={settings.num_frames}; "
+                "use a longer clip or lower num_frames"
+            )
+        text = build_user_text(spec.prompt)
+        size = _hint_size(settings, counters, text, info.width, info.height, source.name)
+        frames = settings.num_frames
+        with counters.lock:
+            prompt_tokens = counters.prompt.count(text, size[0], size[1], frames if counters.frames_sent else 0)
+        if prompt_tokens > budget:
+            raise PromptTooLong(
+                f"{source.name}: needs {prompt_tokens} prompt tokens at hint {size[0]}x{size[1]}, over the budget "
+                f"of {budget}; shorten the prompt, lower num_frames or the hint size"
+            )
+        frame_paths: list[str] = []
+        if not settings.dry_run:
+            cache = layout.hint_dir(hint_key(file_identity(video), size[0], size[1], frames))
+            times = frame_times(info.duration, frames)
+            frame_paths = [str(path) for path in cached_hint(cache, video, times, size[0], size[1], label)]
+    except (SpecError, VideoError, PromptTooLong) as exc:
+        return invalid_item(source, str(exc), budget)
+    return Item(
+        spec_id=spec.id, source_path=str(source), status="valid", name=spec.name, original_prompt=spec.prompt,
+        tokens=Tokens(prompt=prompt_tokens, budget=budget), hint=Hint(width=size[0], height=size[1], frames=frames),
+        frames_sent=frames if counters.frames_sent else 0, key=key, text=text, frame_paths=frame_paths,
+    )
+
+
+def _hint_size(settings: Settings, counters: Counters, text: str, width: int, height: int, name: str):
+    if settings.hint_resolution != "auto":
+        return parse_resolution(settings.hint_resolution)
+    try:
+        with counters.lock:
+            size = fit_hint(SearchingPixtralCounter(counters.pixtral, text), text, width, height,
+                            settings.num_frames, settings.token_budget)
+    except PromptTooLong as exc:
+        raise PromptTooLong(f"{name}: {exc}") from None
+    return size.width, size.height
+
+
+def validate_entries(entries: list[dict], settings: Settings, layout: OutputLayout) -> list[Item]:
+    """Validate a chunk with one ffmpeg process per core at a time; results keep the chunk's order."""
+    counters = make_counters(settings)
+    started, total = time.monotonic(), len(entries)
+    done = 0
+
+    def one(entry: dict) -> Item:
+        nonlocal done
+        item = validate_spec(Path(entry["source_path"]), entry["key"], settings, counters, layout)
+        done += 1
+        if done % 10 == 0 or done == total:
+            elapsed = time.monotonic() - started
+            log.info("validated %d/%d specs, ETA %.0fs", done, total, elapsed / done * (total - done))
+        return item
+
+    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        return list(pool.map(one, entries))
