@@ -21,7 +21,7 @@ import datetime as dt
 
 from airflow.sdk import Asset, Param, dag, task
 
-from include.cosmos_upsample.settings import ASSET_URI, DAG_ID
+from include.cosmos_upsample.settings import ASSET_URI, DAG_ID, REPORT_XCOM_KEY, RUN_DIR_XCOM_KEY
 
 UPSAMPLED_PROMPTS = Asset(ASSET_URI)
 
@@ -87,7 +87,7 @@ def cosmos_prompt_upsample():
         from include.cosmos_upsample import stages
 
         run_dir, chunks = stages.discover(params, run_id, lambda key: Variable.get(key, default=None), os.environ)
-        ti.xcom_push(key="run_dir", value=str(run_dir))
+        ti.xcom_push(key=RUN_DIR_XCOM_KEY, value=str(run_dir))
         return chunks
 
     @task(map_index_template="{{ chunk_label }}")
@@ -108,11 +108,17 @@ def cosmos_prompt_upsample():
     @task(map_index_template="{{ job_label }}")
     def upsample(job: dict, ti=None):
         from airflow.sdk import get_current_context
+        from airflow.sdk.exceptions import AirflowFailException
 
         from include.cosmos_upsample import stages
+        from include.cosmos_upsample.errors import NotRetryable
 
-        get_current_context()["job_label"] = f"job {job['job_key'] or '-'} ({job['items']} prompts)"
-        return stages.upsample(job, ti.map_index)
+        context = get_current_context()
+        context["job_label"] = f"job {job['job_key'] or '-'} ({job['items']} prompts) on {job['conn_id'] or 'local'}"
+        try:
+            return stages.upsample(job, ti.map_index, context)
+        except NotRetryable as exc:
+            raise AirflowFailException(str(exc)) from exc
 
     # all_done: a job that failed after its retries still gets its items reported as failed.
     @task(trigger_rule="all_done")
@@ -126,10 +132,10 @@ def cosmos_prompt_upsample():
         from include.cosmos_upsample import stages
 
         return stages.report(run_dir, run_id, DAG_ID, dag_run.start_date.isoformat(),
-                             publish=lambda location: ti.xcom_push(key="report_location", value=location))
+                             publish=lambda location: ti.xcom_push(key=REPORT_XCOM_KEY, value=location))
 
     chunks = discover()
-    run_dir = chunks["run_dir"]
+    run_dir = chunks[RUN_DIR_XCOM_KEY]
     jobs = batch(validate.expand(chunk=chunks))
     merged = merge_metadata(run_dir)
     upsample.expand(job=jobs) >> merged

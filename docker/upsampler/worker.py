@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 LEDGER_NAME = "ledger.jsonl"
+# Held (flock) by the worker running the job; the DAG side checks it too before reusing the job's answers.
+LOCK_NAME = ".lock"
 MANIFEST_NAME = "manifest.json"
 # Fault injection for the test suite: the worker SIGKILLs itself after this many new results.
 DIE_AFTER_ENV = "COSMOS_UPSAMPLE_WORKER_DIE_AFTER"
@@ -209,7 +211,7 @@ class VllmBackend:
 
     def answers(self, items: Sequence[JobItem], job_dir: Path) -> Iterator[tuple[JobItem, Answer]]:
         conversations = [build_vllm_conversation(item, job_dir) for item in items]
-        yield from zip(items, chat_isolating_context_errors(self._chat, conversations))
+        yield from zip(items, chat_isolating_context_errors(self._chat, conversations), strict=True)
 
 
 BACKENDS = {"llama_cpp": LlamaCppBackend, "vllm": VllmBackend}
@@ -246,7 +248,7 @@ EXIT_JOB_BUSY = 75
 
 def run_job(job_dir: Path, backend_factory: Callable[[Job], Any] | None = None) -> int:
     """Do the job's unfinished items; one worker per job at a time, so no item is ever paid twice."""
-    with (job_dir / ".lock").open("w") as lock:
+    with (job_dir / LOCK_NAME).open("w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

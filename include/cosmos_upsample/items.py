@@ -52,6 +52,11 @@ def invalid_item(source: Path, reason: str, budget: int, spec_id: str | None = N
                 tokens=Tokens(budget=budget))
 
 
+def failed_item(source: Path, reason: str, budget: int, spec_id: str | None = None) -> Item:
+    """Not the input's fault (a full or read-only output folder, a crash): counts as failed, a re-run redoes it."""
+    return invalid_item(source, reason, budget, spec_id).model_copy(update={"status": "failed"})
+
+
 def save_items(path: Path, items: list[Item]) -> None:
     write_json_atomic(path, [item.model_dump(mode="json") for item in items])
 

@@ -4,6 +4,7 @@
     reports/<run_id>.json|.html       run reports
     hints/<hint_key>/frame-NN.jpg     hint frames, cached by content key (shared by runs)
     jobs/<job_key>/                   one model job: manifest.json, ledger.jsonl (the checkpoint), logs
+    jobs/by-item/<item_key>           which job was given the item, so a later run reuses its answer
     runs/<run_id>/                    one run's plan: settings, chunks, validated items, plan.json, merged.json
 """
 
@@ -16,6 +17,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+# In a job folder: why the job's last attempt failed, for the report's `failed` reasons.
+LAST_ERROR_NAME = "last_error.txt"
 
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._+=:@-]")
 
@@ -66,15 +70,30 @@ class OutputLayout:
     def hint_dir(self, hint_key: str) -> Path:
         return self.hints_dir / hint_key
 
+    def answer_pointer(self, item_key: str) -> Path:
+        """jobs/by-item/<item_key>: the key of the job that was given this item (see merge.earlier_answers)."""
+        return self.jobs_dir / "by-item" / item_key
+
+
+def json_text(data: Any) -> str:
+    """Readable UTF-8 JSON; a file name that is not UTF-8 (Python keeps its bytes as lone surrogates) cannot be
+    encoded that way, so such data is written with \\u escapes instead of failing the whole run."""
+    text = json.dumps(data, indent=2, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(data, indent=2)
+    return text + "\n"
+
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Readers never see a half-written file: write a temp file in the same folder, fsync, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; outputs are read by other users (the UI, downstream DAGs)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, ensure_ascii=False)
-            handle.write("\n")
+            handle.write(json_text(data))
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from include.cosmos_upsample.items import Item
-from include.cosmos_upsample.layout import OutputLayout, write_json_atomic
+from include.cosmos_upsample.layout import LAST_ERROR_NAME, OutputLayout, write_json_atomic
 from include.cosmos_upsample.prompting import PROMPT_VERSION
-from include.cosmos_upsample.runners import LAST_ERROR_NAME, worker_module
+from include.cosmos_upsample.runners import worker_module
 from include.cosmos_upsample.settings import Settings
 from include.cosmos_upsample.specs import SpecError, load_spec, upsampled_spec
 
@@ -29,6 +31,52 @@ def ledger_results(job_dirs: list[Path]) -> tuple[dict[str, dict[str, Any]], dic
     return results, job_errors
 
 
+def earlier_answers(layout: OutputLayout, item_keys: Iterable[str]) -> dict[str, str]:
+    """Items an earlier job already answered (key -> that job's folder), for the batch stage to leave out.
+
+    A job is named by its items. When a run wrote some outputs and lost others (a full disk, a killed merge), the
+    next run packs the rest into a job of another name; without this it would pay the model for them again. A job
+    whose worker still runs (its lock is held) is not split: the re-run gets the same job and waits for it.
+    """
+    ledger_class = worker_module().Ledger
+    answered: dict[str, str] = {}
+    finished: dict[Path, set[str]] = {}
+    for key in item_keys:
+        try:
+            job_dir = layout.job_dir(layout.answer_pointer(key).read_text(encoding="utf-8").strip())
+        except OSError:
+            continue
+        if job_dir not in finished:
+            busy = _worker_holds(job_dir)
+            finished[job_dir] = set() if busy else ledger_class(job_dir / "ledger.jsonl").finished_keys()
+        if key in finished[job_dir]:
+            answered[key] = str(job_dir)
+    return answered
+
+
+def _worker_holds(job_dir: Path) -> bool:
+    lock_path = job_dir / worker_module().LOCK_NAME
+    if not lock_path.exists():
+        return False
+    with lock_path.open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    return False
+
+
+def point_to_job(layout: OutputLayout, job_key: str, item_keys: Iterable[str]) -> None:
+    """Record which job answers each item (jobs/by-item/<item_key>), for `earlier_answers` of later runs."""
+    for key in item_keys:
+        pointer = layout.answer_pointer(key)
+        pointer.parent.mkdir(parents=True, exist_ok=True)
+        partial = pointer.with_name(f".{key}.tmp")
+        partial.write_text(job_key, encoding="utf-8")
+        partial.replace(pointer)
+
+
 def provenance(item: Item, entry: dict[str, Any], settings: Settings, run_id: str) -> dict[str, Any]:
     return {
         "model": settings.model_id,
@@ -42,7 +90,7 @@ def provenance(item: Item, entry: dict[str, Any], settings: Settings, run_id: st
         "sampling": settings.sampling.model_dump(),
         "run_id": run_id,
         "source_path": item.source_path,
-        "upsampled_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "upsampled_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
 
 
@@ -57,7 +105,9 @@ def merge_item(item: Item, entry: dict[str, Any] | None, job_error: str | None, 
         spec = load_spec(Path(item.source_path))
         write_json_atomic(output, upsampled_spec(spec, entry["text"], provenance(item, entry, settings, run_id)))
     except (OSError, SpecError) as exc:
-        return item.model_copy(update={"status": "failed", "reason": f"could not write {output}: {exc}"})
+        reason = (f"{Path(item.source_path).name}: could not write {output} ({exc}); free space or fix permissions "
+                  "there, then re-run: the model's answer is kept and not paid again")
+        return item.model_copy(update={"status": "failed", "reason": reason})
     return item.model_copy(update={"status": "upsampled", "output_path": str(output),
                                    "upsampled_prompt": entry["text"], "frames_sent": entry.get("frames_sent", 0)})
 
@@ -65,7 +115,7 @@ def merge_item(item: Item, entry: dict[str, Any] | None, job_error: str | None, 
 def merge_items(items: list[Item], job_dirs: dict[str, Path], layout: OutputLayout, settings: Settings,
                 run_id: str) -> list[Item]:
     """Every item leaves with a final status; valid ones take their job's answer (or `planned` in a dry run)."""
-    results, job_errors = ledger_results(list(job_dirs.values()))
+    results, job_errors = ledger_results(list(dict.fromkeys(job_dirs.values())))  # each ledger read once
     merged = []
     for item in items:
         if item.status != "valid":

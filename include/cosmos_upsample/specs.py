@@ -35,6 +35,14 @@ class PromptSpec(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
+def id_from_file_name(stem: str) -> str:
+    """A spec without an `id` is named after its file; any file name works, so characters that cannot be in an
+    output file name (spaces, shell metacharacters, bytes that are not UTF-8) become '_'. An explicit `id` is
+    checked, never rewritten; two files that end up with the same id are caught as duplicates."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).lstrip("._-")[:128]
+    return cleaned or "spec"
+
+
 def load_spec(path: Path) -> PromptSpec:
     """Parse a spec file, or raise SpecError naming the file and what to fix."""
     try:
@@ -60,7 +68,7 @@ def load_spec(path: Path) -> PromptSpec:
         where = ".".join(str(part) for part in first["loc"])
         raise SpecError(f"{path.name}: field '{where}': {first['msg']}") from None
     if spec.id is None:
-        spec.id = path.stem
+        spec.id = id_from_file_name(path.stem)
     if not SPEC_ID_PATTERN.match(spec.id):
         raise SpecError(
             f"{path.name}: id {spec.id!r} is not usable as a file name; use letters, digits, '.', '_' or '-' "
@@ -71,6 +79,12 @@ def load_spec(path: Path) -> PromptSpec:
 
 def is_within(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
+
+
+def check_spec_file(path: Path, input_dir: Path) -> None:
+    """A spec file that is a symlink leading out of input_dir is refused before it is read."""
+    if not is_within(Path(os.path.realpath(path)), Path(input_dir).resolve()):
+        raise SpecError(f"{path.name}: is a symlink to a file outside input_dir; copy the spec into input_dir")
 
 
 def resolve_video(spec: PromptSpec, spec_path: Path, input_dir: Path) -> Path:

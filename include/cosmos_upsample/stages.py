@@ -14,10 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from include.cosmos_upsample.batching import VALIDATE_CHUNK_SIZE, chunk_evenly, plan_jobs
-from include.cosmos_upsample.items import Item, Tokens, invalid_item, load_items, save_items
-from include.cosmos_upsample.layout import OutputLayout, read_json, write_json_atomic
+from include.cosmos_upsample.items import Item, Tokens, failed_item, invalid_item, load_items, save_items
+from include.cosmos_upsample.layout import LAST_ERROR_NAME, OutputLayout, read_json, write_json_atomic
 from include.cosmos_upsample.settings import Settings, local_model_path, resolve_settings
-from include.cosmos_upsample.specs import SpecError, content_key, file_identity, load_spec, resolve_video
+from include.cosmos_upsample.specs import (
+    SpecError,
+    check_spec_file,
+    content_key,
+    file_identity,
+    load_spec,
+    resolve_video,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +75,7 @@ def classify(sources: list[Path], settings: Settings, layout: OutputLayout) -> t
     owners: dict[str, Path] = {}
     for source in sources:
         try:
+            check_spec_file(source, input_dir)
             spec = load_spec(source)
         except SpecError:
             pending.append({"source_path": str(source), "key": None})  # validation writes the reason
@@ -149,17 +157,33 @@ def _all_items(run_dir: Path) -> list[Item]:
     items = load_items(run_dir / DISCOVERED_NAME)
     for path in sorted((run_dir / "validated").glob("*.json")):
         items.extend(load_items(path))
+    items.extend(_unvalidated(run_dir))
     return sorted(items, key=lambda item: item.source_path)
+
+
+def _unvalidated(run_dir: Path) -> list[Item]:
+    """The specs of a chunk whose validate task failed for good: reported as failed, never silently dropped."""
+    budget, missing = load_settings(run_dir).token_budget, []
+    for chunk in sorted((run_dir / "chunks").glob("*.json")):
+        if not (run_dir / "validated" / chunk.name).exists():
+            missing.extend(failed_item(Path(entry["source_path"]), (
+                f"{Path(entry['source_path']).name}: its validation ({chunk.stem}) did not finish; see that "
+                "validate task's log, then re-run"), budget) for entry in read_json(chunk))
+    return missing
 
 
 def batch(validated: list[str]) -> list[dict[str, Any]]:
     """Write one manifest per model job; returns the jobs to map over (at least one, maybe empty)."""
+    from include.cosmos_upsample.merge import earlier_answers, point_to_job
+
     run = run_dir_of(validated[0])
     settings = load_settings(run)
     layout = OutputLayout.at(settings.output_dir)
     with timed_stage(run, "batch"):
         valid = {item.key: item for item in _all_items(run) if item.status == "valid"}
-        plans = plan_jobs(list(valid), settings.batch_max_items, settings.gpu_conn_ids, settings.fingerprint())
+        answered = {} if settings.dry_run else earlier_answers(layout, valid)
+        plans = plan_jobs([key for key in valid if key not in answered], settings.batch_max_items,
+                          settings.gpu_conn_ids, settings.fingerprint())
         jobs = []
         for plan in plans:
             job_dir = layout.job_dir(plan.job_key)
@@ -173,10 +197,12 @@ def batch(validated: list[str]) -> list[dict[str, Any]]:
             }
             if not settings.dry_run:
                 write_json_atomic(job_dir / "manifest.json", manifest)
+                point_to_job(layout, plan.job_key, plan.item_keys)
             jobs.append({"job_key": plan.job_key, "job_dir": str(job_dir), "conn_id": plan.conn_id,
                          "items": len(plan.item_keys), "run_dir": str(run)})
-        write_json_atomic(run / PLAN_NAME, {"jobs": jobs})
-    log.info("%d valid items in %d job(s) of at most %d", len(valid), len(jobs), settings.batch_max_items)
+        write_json_atomic(run / PLAN_NAME, {"jobs": jobs, "answered": answered})
+    log.info("%d valid items (%d answered by earlier jobs) in %d job(s) of at most %d", len(valid), len(answered),
+             len(jobs), settings.batch_max_items)
     return jobs or [{"job_key": None, "job_dir": None, "conn_id": None, "items": 0, "run_dir": str(run)}]
 
 
@@ -186,19 +212,28 @@ def _worker_model(settings: Settings) -> str:
     return settings.model_id
 
 
-def upsample(job: dict[str, Any], map_index: int) -> dict[str, Any]:
+def upsample(job: dict[str, Any], map_index: int, context: Mapping[str, Any]) -> dict[str, Any]:
     run_dir = Path(job["run_dir"])
     settings = load_settings(run_dir)
     if settings.dry_run or not job["job_key"]:
         log.info("nothing to send to a model (%s)", "dry run" if settings.dry_run else "no valid items")
         return {"job_key": job["job_key"], "ran": False}
+    job_dir = Path(job["job_dir"])
     with timed_stage(run_dir, "upsample", map_index):
-        if settings.runner == "local":
-            from include.cosmos_upsample.runners import run_local_job
+        try:
+            if settings.runner == "local":
+                from include.cosmos_upsample.runners import run_local_job
 
-            run_local_job(Path(job["job_dir"]))
-        else:
-            raise NotImplementedError("runner 'docker' is not available yet; use runner 'local'")
+                run_local_job(job_dir)
+            else:
+                from include.cosmos_upsample.remote import run_docker_job
+
+                run_docker_job(settings, job, context)
+        except Exception as exc:
+            # If this was the last try, merge reports the job's items as failed with this reason.
+            (job_dir / LAST_ERROR_NAME).write_text(f"job {job['job_key']}: {exc}", encoding="utf-8")
+            raise
+        (job_dir / LAST_ERROR_NAME).unlink(missing_ok=True)
     return {"job_key": job["job_key"], "ran": True}
 
 
@@ -210,7 +245,7 @@ def merge(run_dir: str, run_id: str) -> str:
     layout = OutputLayout.at(settings.output_dir)
     with timed_stage(run, "merge"):
         plan = read_json(run / PLAN_NAME) if (run / PLAN_NAME).exists() else {"jobs": []}
-        job_dirs = {}
+        job_dirs = {key: Path(job_dir) for key, job_dir in plan.get("answered", {}).items()}
         for job in plan["jobs"]:
             manifest = Path(job["job_dir"]) / "manifest.json"
             if manifest.exists():
@@ -231,7 +266,7 @@ def report(run_dir: str, run_id: str, dag_id: str, started_at: str,
     settings = load_settings(run)
     with timed_stage(run, "report"):
         items = load_items(run / MERGED_NAME)
-    finished_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    finished_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     content = build_report(run_id=run_id, dag_id=dag_id, started_at=started_at, finished_at=finished_at,
                            settings=settings, items=items, stages=stage_seconds(run))
     json_path, html_path = write_report(OutputLayout.at(settings.output_dir), content)

@@ -14,11 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from include.cosmos_upsample.items import Hint, Item, Tokens, invalid_item
+from include.cosmos_upsample.items import Hint, Item, Tokens, failed_item, invalid_item
 from include.cosmos_upsample.layout import OutputLayout
 from include.cosmos_upsample.prompting import build_user_text
 from include.cosmos_upsample.settings import Settings, local_model_path, parse_resolution
-from include.cosmos_upsample.specs import SpecError, file_identity, load_spec, resolve_video
+from include.cosmos_upsample.specs import SpecError, check_spec_file, file_identity, load_spec, resolve_video
 from include.cosmos_upsample.tokens import PixtralCounter, PromptTooLong, SearchingPixtralCounter, fit_hint
 from include.cosmos_upsample.video import VideoError, cached_hint, frame_times, hint_key, probe
 
@@ -47,6 +47,7 @@ def make_counters(settings: Settings) -> Counters:
 def validate_spec(source: Path, key: str, settings: Settings, counters: Counters, layout: OutputLayout) -> Item:
     budget = settings.token_budget
     try:
+        check_spec_file(source, Path(settings.input_dir))
         spec = load_spec(source)
         video = resolve_video(spec, source, Path(settings.input_dir))
         label = f"{source.name}: video {spec.input_video_path!r}"
@@ -70,7 +71,11 @@ def validate_spec(source: Path, key: str, settings: Settings, counters: Counters
         if not settings.dry_run:
             cache = layout.hint_dir(hint_key(file_identity(video), size[0], size[1], frames))
             times = frame_times(info.duration, frames)
-            frame_paths = [str(path) for path in cached_hint(cache, video, times, size[0], size[1], label)]
+            try:
+                frame_paths = [str(path) for path in cached_hint(cache, video, times, size[0], size[1], label)]
+            except OSError as exc:  # the output folder is full, read-only or gone; the input is fine
+                return failed_item(source, f"{source.name}: could not write its hint frames ({exc}); free space or "
+                                           f"fix permissions under {layout.hints_dir}, then re-run", budget)
     except (SpecError, VideoError, PromptTooLong) as exc:
         return invalid_item(source, str(exc), budget)
     return Item(
@@ -100,7 +105,13 @@ def validate_entries(entries: list[dict], settings: Settings, layout: OutputLayo
 
     def one(entry: dict) -> Item:
         nonlocal done
-        item = validate_spec(Path(entry["source_path"]), entry["key"], settings, counters, layout)
+        source = Path(entry["source_path"])
+        try:
+            item = validate_spec(source, entry["key"], settings, counters, layout)
+        except Exception as exc:  # an input nobody foresaw must not take the chunk's other specs down with it
+            log.exception("validating %s crashed", source)
+            item = failed_item(source, f"{source.name}: validation crashed ({type(exc).__name__}: {exc}); see the "
+                                       "validate task's log", settings.token_budget)
         done += 1
         if done % 10 == 0 or done == total:
             elapsed = time.monotonic() - started

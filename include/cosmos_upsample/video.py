@@ -6,7 +6,9 @@ clip costs about what a short one does: nothing decodes the whole clip.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -15,6 +17,13 @@ from pathlib import Path
 import ffmpeg
 
 HINT_FORMAT_VERSION = "jpg-q2-v1"
+# The only demuxers that may open a spec's video. A playlist (hls, concat, dash) inside input_dir would make ffmpeg
+# read the files it lists, wherever they are; image demuxers take a still picture for a video.
+VIDEO_DEMUXERS = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,mpeg,flv,ogg,asf,gif,yuv4mpegpipe"
+_REFUSED_DEMUXER = re.compile(r"\[(\w+) @ [^\]]*\] Format not on whitelist")
+# ffmpeg's words when it cannot write its output: the output folder's fault, not the video's.
+OUTPUT_ERRORS = {"No space left on device": errno.ENOSPC, "Read-only file system": errno.EROFS,
+                 "Disk quota exceeded": errno.EDQUOT, "Permission denied": errno.EACCES}
 
 
 class VideoError(ValueError):
@@ -54,9 +63,17 @@ def _frame_count(stream: dict, duration: float | None) -> int | None:
 def probe(path: Path, label: str) -> VideoInfo:
     """Size, duration and frame count of the first video stream; VideoError says what is wrong and what to do."""
     try:
-        info = ffmpeg.probe(str(path))
+        info = ffmpeg.probe(str(path), format_whitelist=VIDEO_DEMUXERS)
     except ffmpeg.Error as exc:
-        raise VideoError(f"{label}: unreadable video ({_first_line(exc.stderr)}); re-encode it, e.g. as H.264 MP4")
+        refused = _REFUSED_DEMUXER.search((exc.stderr or b"").decode("utf-8", "replace"))
+        if refused:
+            raise VideoError(
+                f"{label}: ffmpeg reads it as {refused[1]}, not as a video (playlists and images are refused: they "
+                "can point outside input_dir); use a video file such as MP4, MOV, MKV, WebM, AVI or MPEG-TS"
+            ) from None
+        raise VideoError(
+            f"{label}: unreadable video ({_first_line(exc.stderr)}); re-encode it, e.g. as H.264 MP4"
+        ) from None
     streams = [s for s in info.get("streams", []) if s.get("codec_type") == "video"]
     if not streams:
         raise VideoError(f"{label}: no video stream (audio-only or not a video); point it at a video file")
@@ -87,11 +104,21 @@ def frame_names(frames: int) -> list[str]:
     return [f"frame-{index:02d}.jpg" for index in range(frames)]
 
 
+def _raise_if_output_error(stderr: bytes | None, out_dir: Path) -> None:
+    """A full or read-only output folder is an OSError naming the folder, so the item fails instead of being
+    called invalid for a video that is fine."""
+    text = (stderr or b"").decode("utf-8", "replace")
+    for words, code in OUTPUT_ERRORS.items():
+        if words in text:
+            raise OSError(code, f"{words} (ffmpeg writing hint frames)", str(out_dir))
+
+
 def extract_frames(video: Path, times: list[float], width: int, height: int, out_dir: Path, label: str) -> None:
     """Write frame-NN.jpg into out_dir in one ffmpeg process, one input seek per frame."""
     outputs = []
-    for name, seconds in zip(frame_names(len(times)), times):
-        source = ffmpeg.input(str(video), ss=seconds) if seconds else ffmpeg.input(str(video))
+    for name, seconds in zip(frame_names(len(times)), times, strict=True):
+        seek = {"ss": seconds} if seconds else {}
+        source = ffmpeg.input(str(video), format_whitelist=VIDEO_DEMUXERS, **seek)
         scaled = source.video.filter("scale", width, height)
         outputs.append(scaled.output(str(out_dir / name), vframes=1, **{"q:v": 2}))
     try:
@@ -99,8 +126,11 @@ def extract_frames(video: Path, times: list[float], width: int, height: int, out
             capture_stdout=True, capture_stderr=True, overwrite_output=True
         )
     except ffmpeg.Error as exc:
-        raise VideoError(f"{label}: frame extraction failed ({_first_line(exc.stderr)}); the video may be corrupt")
-    for name, seconds in zip(frame_names(len(times)), times):
+        _raise_if_output_error(exc.stderr, out_dir)
+        raise VideoError(
+            f"{label}: frame extraction failed ({_first_line(exc.stderr)}); the video may be corrupt"
+        ) from None
+    for name, seconds in zip(frame_names(len(times)), times, strict=True):
         produced = out_dir / name
         if not produced.exists() or produced.stat().st_size == 0:
             raise VideoError(

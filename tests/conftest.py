@@ -1,0 +1,40 @@
+"""Shared fixtures: real videos made by ffmpeg, spec folders, and an isolated Airflow home for DAG runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# In-process Airflow (DagBag, dag.test) reads its config at import: point it at this project, not ~/airflow.
+os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="cosmos-airflow-home-"))
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
+os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(ROOT / "plugins")
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "docker" / "upsampler"))
+
+from tests.helpers import make_video  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sample_video(tmp_path_factory) -> Path:
+    return make_video(tmp_path_factory.mktemp("videos") / "clip.mp4", 640, 360)
+
+
+@pytest.fixture(scope="session")
+def airflow_home() -> dict[str, str]:
+    """Environment for Airflow in and out of process: this session's own migrated SQLite home."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], env=env, check=True,
+                   capture_output=True)
+    return env

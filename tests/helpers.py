@@ -1,0 +1,47 @@
+"""Helpers for tests: real videos from ffmpeg, spec files, and `airflow dags test` runs."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+
+def make_video(path: Path, width: int = 320, height: int = 180, seconds: float = 2.0, rate: int = 12) -> Path:
+    """A real H.264 clip from ffmpeg's test source."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", f"testsrc2=size={width}x{height}:rate={rate}",
+         "-t", str(seconds), "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(path)],
+        check=True,
+    )
+    return path
+
+
+def write_spec(folder: Path, stem: str, **fields) -> Path:
+    path = folder / f"{stem}.json"
+    path.write_text(json.dumps({"id": stem, "prompt": f"A robot arm picks up a red cup ({stem}).", **fields}))
+    return path
+
+
+def run_dag(env: dict[str, str], conf: dict, extra_env: dict[str, str] | None = None,
+            expect_success: bool = True) -> subprocess.CompletedProcess:
+    """`airflow dags test cosmos_prompt_upsample -c CONF`, exactly as a user runs it."""
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "airflow"), "dags", "test", "cosmos_prompt_upsample", "-c",
+         json.dumps(conf)],
+        env={**env, **(extra_env or {})}, capture_output=True, text=True, timeout=1200,
+    )
+    finished = re.search(r"DagRun Finished: .*? state=(\w+)", result.stdout + result.stderr)
+    succeeded = bool(finished) and finished.group(1) == "success"
+    if succeeded != expect_success:
+        print(result.stdout[-20000:], result.stderr[-20000:])
+        raise AssertionError(f"DAG run {'failed' if expect_success else 'succeeded'} unexpectedly")
+    return result
+
+
+def latest_report(output_dir: Path) -> dict:
+    reports = sorted((output_dir / "reports").glob("*.json"), key=lambda path: path.stat().st_mtime)
+    return json.loads(reports[-1].read_text())

@@ -1,0 +1,188 @@
+"""The plugin in a real browser: Debian chromium (headless, via chromium-driver) against a real `airflow api-server`.
+
+Signs in through SimpleAuthManager's login page, then opens the run list, a run's page and the run's tab inside
+the Airflow UI; checks the table and the SVG charts render and that the `<script>` prompt never runs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from upsample_fixtures import HOSTILE_PROMPT, ROOT, chromium_paths
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(chromium_paths() is None, reason="needs Debian packages chromium and chromium-driver"),
+]
+
+SCREENSHOT = ROOT / "docs" / "run-detail.png"
+PREFIX = "/upsample-reports"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    binary, driver_path = chromium_paths()  # type: ignore[misc]
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1440,2000"):
+        options.add_argument(argument)
+    # An explicit driver path keeps Selenium Manager from trying to download one.
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+            if value:
+                return value
+        except Exception as exc:  # elements come and go while React renders
+            last_error = exc
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}: {last_error}")
+
+
+@pytest.fixture(scope="module")
+def signed_in(browser: Any, api_server: Any) -> Any:
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{api_server.url}/")
+    username = wait_for(lambda: browser.find_element(By.CSS_SELECTOR, "input[name=username]"), what="login form")
+    username.send_keys(api_server.username)
+    browser.find_element(By.CSS_SELECTOR, "input[name=password]").send_keys(api_server.password)
+    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    wait_for(lambda: browser.get_cookie("_token"), what="the _token cookie after signing in")
+    return browser
+
+
+def pwned(browser: Any) -> Any:
+    return browser.execute_script("return window.__pwned === undefined ? null : window.__pwned;")
+
+
+def test_run_list(signed_in: Any, api_server: Any, airflow_site: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    signed_in.get(f"{api_server.url}{PREFIX}/")
+    rows = wait_for(lambda: signed_in.find_elements(By.CSS_SELECTOR, "table.runs tbody tr"), what="run rows")
+    text = " ".join(row.text for row in rows)
+    for run_id in (airflow_site.finished_run_id, airflow_site.running_run_id, airflow_site.fallback_run_id):
+        assert run_id in text
+    assert "in progress: 7 / 16 items done" in text
+
+
+def test_run_detail_renders_charts_table_and_never_runs_the_prompt(
+    signed_in: Any, api_server: Any, airflow_site: Any
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    signed_in.get(f"{api_server.url}{PREFIX}/runs/{quote(airflow_site.finished_run_id, safe='')}")
+    rows = wait_for(lambda: signed_in.find_elements(By.CSS_SELECTOR, "table#items tbody tr[data-status]"), what="items")
+    assert len(rows) == 24
+    bars = signed_in.find_elements(By.CSS_SELECTOR, "svg.chart.tokens rect.bar")
+    assert len(bars) == 24 and all(bar.size["height"] > 0 for bar in bars)
+    assert len(signed_in.find_elements(By.CSS_SELECTOR, "svg.chart.hbars")) == 2
+    # The stylesheet loaded through the authenticated route: bars are coloured, not the default black.
+    fill = signed_in.execute_script(
+        "return getComputedStyle(document.querySelector('svg.chart.tokens rect.bar.status-invalid')).fill;"
+    )
+    assert fill == "rgb(224, 49, 49)"
+    first_prompt = rows[0].find_elements(By.CSS_SELECTOR, ".prompt")[0].text
+    assert first_prompt == HOSTILE_PROMPT
+    assert pwned(signed_in) is None
+
+    # The inline filter (progressive enhancement over ?status=) hides rows that do not match.
+    box = signed_in.find_element(By.ID, "item-filter")
+    box.send_keys("out of memory")
+    wait_for(lambda: len([r for r in rows if r.is_displayed()]) == 1, what="filtered rows")
+
+    signed_in.refresh()
+    wait_for(lambda: signed_in.find_elements(By.CSS_SELECTOR, "svg.chart.tokens rect.bar"), what="reloaded page")
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    signed_in.save_screenshot(str(SCREENSHOT))
+    assert SCREENSHOT.stat().st_size > 10_000
+
+
+def test_running_run_shows_progress(signed_in: Any, api_server: Any, airflow_site: Any, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    signed_in.get(f"{api_server.url}{PREFIX}/runs/{quote(airflow_site.running_run_id, safe='')}")
+    section = wait_for(lambda: signed_in.find_element(By.CSS_SELECTOR, "section.progress"), what="progress")
+    assert "7 of 16 items done in 2 model jobs, 1 failed" in section.text and "ETA" in section.text
+    fill = signed_in.find_element(By.CSS_SELECTOR, "svg.progressbar rect.fill")
+    assert 0 < fill.size["width"] < signed_in.find_element(By.CSS_SELECTOR, "svg.progressbar rect.track").size["width"]
+    signed_in.save_screenshot(str(tmp_path / "running.png"))
+
+
+def test_status_filter_without_js(signed_in: Any, api_server: Any, airflow_site: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    signed_in.get(f"{api_server.url}{PREFIX}/runs/{quote(airflow_site.finished_run_id, safe='')}?status=failed")
+    rows = signed_in.find_elements(By.CSS_SELECTOR, "table#items tbody tr[data-status]")
+    assert {row.get_attribute("data-status") for row in rows} == {"failed"} and len(rows) == 4
+
+
+def test_dag_run_tab_inside_the_airflow_ui(signed_in: Any, api_server: Any, airflow_site: Any, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    run_id = airflow_site.finished_run_id
+    signed_in.get(f"{api_server.url}/dags/cosmos_prompt_upsample/runs/{quote(run_id, safe='')}")
+    tab = wait_for(
+        lambda: signed_in.find_element(By.XPATH, "//*[self::a or self::button][contains(., 'Upsample report')]"),
+        timeout=60,
+        what="the 'Upsample report' tab on the DAG run",
+    )
+    tab.click()
+    frame = wait_for(
+        lambda: signed_in.find_element(By.CSS_SELECTOR, "iframe[title='Upsample report']"), what="the tab's iframe"
+    )
+    assert quote(run_id, safe="") in frame.get_attribute("src")
+    signed_in.switch_to.frame(frame)
+    try:
+        wait_for(lambda: signed_in.find_elements(By.CSS_SELECTOR, "svg.chart.tokens rect.bar"), what="charts in tab")
+        assert len(signed_in.find_elements(By.CSS_SELECTOR, "table#items tbody tr[data-status]")) == 24
+        assert pwned(signed_in) is None
+    finally:
+        signed_in.switch_to.default_content()
+    assert pwned(signed_in) is None
+    signed_in.save_screenshot(str(tmp_path / "dag-run-tab.png"))
+
+
+def test_nav_entry_opens_the_run_list(signed_in: Any, api_server: Any, airflow_site: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    signed_in.get(f"{api_server.url}/plugin/upsample-reports")
+    frame = wait_for(
+        lambda: signed_in.find_element(By.CSS_SELECTOR, "iframe[title='Upsample reports']"), timeout=60,
+        what="the nav view's iframe",
+    )
+    signed_in.switch_to.frame(frame)
+    try:
+        rows = wait_for(lambda: signed_in.find_elements(By.CSS_SELECTOR, "table.runs tbody tr"), what="runs in nav")
+        assert any(airflow_site.finished_run_id in row.text for row in rows)
+        signed_in.find_element(By.LINK_TEXT, airflow_site.finished_run_id).click()
+        wait_for(lambda: signed_in.find_elements(By.CSS_SELECTOR, "svg.chart.tokens rect.bar"), what="run page in nav")
+    finally:
+        signed_in.switch_to.default_content()
+
+
+def test_signed_out_browser_is_refused(browser: Any, api_server: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    browser.delete_all_cookies()
+    browser.get(f"{api_server.url}{PREFIX}/")
+    assert "Not authenticated" in browser.find_element(By.TAG_NAME, "body").text
