@@ -21,7 +21,7 @@ import datetime as dt
 
 from airflow.sdk import Asset, Param, dag, task
 
-from include.cosmos_upsample.settings import ASSET_URI, DAG_ID, REPORT_XCOM_KEY, RUN_DIR_XCOM_KEY
+from include.cosmos_upsample.settings import ASSET_URI, DAG_ID, GPU_POOL, REPORT_XCOM_KEY, RUN_DIR_XCOM_KEY
 
 UPSAMPLED_PROMPTS = Asset(ASSET_URI)
 
@@ -105,7 +105,7 @@ def cosmos_prompt_upsample():
 
         return stages.batch(list(validated))
 
-    @task(map_index_template="{{ job_label }}")
+    @task(map_index_template="{{ job_label }}", pool=GPU_POOL)
     def upsample(job: dict, ti=None):
         from airflow.sdk import get_current_context
         from airflow.sdk.exceptions import AirflowFailException

@@ -41,5 +41,7 @@ source scripts/airflow-env.sh
 mkdir -p "$AIRFLOW_HOME"
 if [[ ! -f "$AIRFLOW_HOME/airflow.db" ]]; then
   airflow db migrate >/dev/null
+  # Model jobs run in this pool (one slot per GPU host; one here, for the local model).
+  airflow pools set cosmos_gpu 1 "Model jobs: one slot per GPU host" >/dev/null
 fi
 echo "setup: ready (AIRFLOW_HOME=$AIRFLOW_HOME)"

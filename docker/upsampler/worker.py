@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import fcntl
 import json
 import os
@@ -246,7 +247,7 @@ def _eta(done: int, total: int, elapsed: float) -> str:
 EXIT_JOB_BUSY = 75
 
 
-def run_job(job_dir: Path, backend_factory: Callable[[Job], Any] | None = None) -> int:
+def run_job(job_dir: Path, backend_factory: Callable[[Job], Any] | None = None, gpu_lock: Path | None = None) -> int:
     """Do the job's unfinished items; one worker per job at a time, so no item is ever paid twice."""
     with (job_dir / LOCK_NAME).open("w") as lock:
         try:
@@ -254,10 +255,25 @@ def run_job(job_dir: Path, backend_factory: Callable[[Job], Any] | None = None) 
         except BlockingIOError:
             print(f"job folder {job_dir} is held by another worker; try again when it has stopped", file=sys.stderr)
             return EXIT_JOB_BUSY
-        return _run_locked(job_dir, backend_factory)
+        return _run_locked(job_dir, backend_factory, gpu_lock)
 
 
-def _run_locked(job_dir: Path, backend_factory: Callable[[Job], Any] | None) -> int:
+@contextlib.contextmanager
+def holding_gpu(gpu_lock: Path | None) -> Iterator[None]:
+    """One model on a GPU at a time: jobs for the same host wait here rather than run out of GPU memory."""
+    if gpu_lock is None:
+        yield
+        return
+    with gpu_lock.open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for the GPU: another job holds {gpu_lock}", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _run_locked(job_dir: Path, backend_factory: Callable[[Job], Any] | None, gpu_lock: Path | None) -> int:
     job = Job.from_manifest(json.loads((job_dir / MANIFEST_NAME).read_text(encoding="utf-8")))
     ledger = Ledger(job_dir / LEDGER_NAME)
     finished = ledger.finished_keys()
@@ -265,6 +281,12 @@ def _run_locked(job_dir: Path, backend_factory: Callable[[Job], Any] | None) -> 
     print(f"job {job.job_key}: {len(job.items)} items, {len(job.items) - len(todo)} already done, {len(todo)} to do")
     if not todo:
         return 0
+    with holding_gpu(gpu_lock):
+        return _answer(job, todo, ledger, job_dir, backend_factory)
+
+
+def _answer(job: Job, todo: list[JobItem], ledger: Ledger, job_dir: Path,
+            backend_factory: Callable[[Job], Any] | None) -> int:
     started = time.monotonic()
     backend = (backend_factory or BACKENDS[job.backend])(job)
     print(f"model {job.model} ({job.backend}) loaded in {time.monotonic() - started:.1f}s", flush=True)
@@ -288,8 +310,9 @@ def _run_locked(job_dir: Path, backend_factory: Callable[[Job], Any] | None) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--job-dir", type=Path, required=True, help="folder holding manifest.json")
+    parser.add_argument("--gpu-lock", type=Path, help="a file every job on this machine locks while its model runs")
     args = parser.parse_args(argv)
-    return run_job(args.job_dir)
+    return run_job(args.job_dir, gpu_lock=args.gpu_lock)
 
 
 if __name__ == "__main__":

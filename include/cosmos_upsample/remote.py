@@ -22,11 +22,13 @@ from typing import Any
 
 from include.cosmos_upsample.errors import NotRetryable
 from include.cosmos_upsample.layout import read_json
+from include.cosmos_upsample.runners import GPU_LOCK_NAME
 from include.cosmos_upsample.settings import DEFAULT_MODELS, Settings
 
 log = logging.getLogger(__name__)
 
-CONTAINER_JOB_DIR = PurePosixPath("/job")
+# The host's work folder (all its jobs and the GPU lock) appears in the container here.
+CONTAINER_WORK_DIR = PurePosixPath("/work")
 CONTAINER_MODEL_DIR = PurePosixPath("/models")
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -91,9 +93,9 @@ def docker_url(username: str, host: str, port: int) -> str:
     return f"ssh://{username}@{host}:{port}"
 
 
-def worker_command() -> list[str]:
-    """Arguments for the image's entry point (the worker program)."""
-    return ["--job-dir", str(CONTAINER_JOB_DIR)]
+def worker_command(job_key: str) -> list[str]:
+    """Arguments for the image's entry point (the worker program): the job, and the host-wide GPU lock."""
+    return ["--job-dir", str(CONTAINER_WORK_DIR / job_key), "--gpu-lock", str(CONTAINER_WORK_DIR / GPU_LOCK_NAME)]
 
 
 def _sftp_exists_with_size(sftp, path: PurePosixPath, size: int) -> bool:
@@ -223,11 +225,11 @@ def worker_operator(settings: Settings, job: RemoteJob, hook, try_number: int):
     return DockerOperator(
         task_id=f"worker_{job.job_key}",
         image=settings.worker_image,
-        command=worker_command(),
+        command=worker_command(job.job_key),
         container_name=job.container_name(try_number),
         docker_url=docker_url(hook.username, hook.remote_host, hook.port),
         mounts=[
-            Mount(str(CONTAINER_JOB_DIR), str(job.job_dir), type="bind"),
+            Mount(str(CONTAINER_WORK_DIR), str(job.host_work_dir), type="bind"),
             Mount(str(CONTAINER_MODEL_DIR), settings.host_model_dir, type="bind", read_only=True),
         ],
         device_requests=gpus,

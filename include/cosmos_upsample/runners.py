@@ -15,6 +15,7 @@ from types import ModuleType
 from include.cosmos_upsample.settings import PROJECT_ROOT
 
 WORKER_SCRIPT = PROJECT_ROOT / "docker" / "upsampler" / "worker.py"
+GPU_LOCK_NAME = ".gpu.lock"
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,8 @@ class WorkerFailed(RuntimeError):
 
 
 def local_worker_command(job_dir: Path, python: str = sys.executable) -> list[str]:
-    return [python, str(WORKER_SCRIPT), "--job-dir", str(job_dir)]
+    # Jobs of all runs on this machine share one lock: one model in memory at a time.
+    return [python, str(WORKER_SCRIPT), "--job-dir", str(job_dir), "--gpu-lock", str(job_dir.parent / GPU_LOCK_NAME)]
 
 
 def describe_exit(code: int) -> str:

@@ -20,6 +20,8 @@ ASSET_URI = "cosmos://upsampled-prompts"
 # XComs the UI plugin reads to find a run's files, whatever output_dir the run used.
 DISCOVER_TASK_ID, RUN_DIR_XCOM_KEY = "discover", "run_dir"
 REPORT_TASK_ID, REPORT_XCOM_KEY = "report", "report_location"
+# Model jobs take a slot of this pool: give it one slot per GPU host (airflow_settings.yaml), so N hosts run N jobs.
+GPU_POOL = "cosmos_gpu"
 VARIABLE_PREFIX = "cosmos_upsample_"
 ENV_PREFIX = "COSMOS_UPSAMPLE_"
 

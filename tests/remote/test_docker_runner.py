@@ -9,6 +9,7 @@ import socket
 import subprocess
 import threading
 import time
+import uuid
 from pathlib import Path, PurePosixPath
 
 import paramiko
@@ -107,7 +108,7 @@ def test_ssh_dropped_mid_sftp_then_the_retry_sends_only_what_is_missing(testbed,
                 "max_output_tokens": 300, "sampling": {},
                 "items": [{"key": f"k{i}", "spec_id": f"s{i}", "text": "t", "frames": frames[2 * i:2 * i + 2]}
                           for i in range(2)]}
-    job = RemoteJob(CONN_ID, f"sftpdrop-{tmp_path.name}", PurePosixPath(testbed["COSMOS_TESTBED_DIR"]) / "jobs",
+    job = RemoteJob(CONN_ID, f"sftpdrop-{uuid.uuid4().hex[:12]}", PurePosixPath(testbed["COSMOS_TESTBED_DIR"]) / "jobs",
                     PurePosixPath("/models"))
     with CuttingProxy(int(testbed["COSMOS_TESTBED_SSH_PORT"]), cut_after=250_000) as proxy:
         monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", ssh_connection(testbed, port=proxy.port))

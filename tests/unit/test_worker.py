@@ -69,3 +69,25 @@ def test_manifest_round_trip(tmp_path):
     job = worker.Job.from_manifest(json.loads(json.dumps(manifest)))
     assert job.items == (worker.JobItem("k", "s", "t", ("a.jpg",)),)
     assert job.sampling == {"temperature": 0.1}
+
+
+def test_jobs_on_one_machine_take_turns_on_the_gpu(tmp_path):
+    import threading
+    import time
+
+    order = []
+    first_in = threading.Event()
+
+    def job(name: str, hold: float) -> None:
+        with worker.holding_gpu(tmp_path / ".gpu.lock"):
+            order.append(f"{name} in")
+            first_in.set()
+            time.sleep(hold)
+            order.append(f"{name} out")
+
+    first = threading.Thread(target=job, args=("a", 0.3))
+    first.start()
+    first_in.wait()
+    job("b", 0)
+    first.join()
+    assert order == ["a in", "a out", "b in", "b out"]
