@@ -1,7 +1,8 @@
 """Find run reports and in-progress runs of `cosmos_prompt_upsample`.
 
 Where a run's files live is decided at run time (Param, Variable, environment), so the metadata DB is the index:
-the `report` task's `report_location` XCom (pushed before a too-many-failures error) names the report file and the `discover` task's `run_dir` XCom names the run's
+the `report` task's `report_location` XCom (pushed before any too-many-failures error) names the
+report file and the `discover` task's `run_dir` XCom names the run's
 plan. A scan of the default output dir (and of every output dir seen in the DB) finds reports whose DB rows are
 gone. Everything here is blocking I/O; the app calls it from sync routes, which FastAPI runs in a threadpool.
 
@@ -25,8 +26,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
-
 from include.cosmos_upsample.settings import (
     DAG_ID,
     DEFAULT_OUTPUT_DIR,
@@ -37,6 +36,8 @@ from include.cosmos_upsample.settings import (
     RUN_DIR_XCOM_KEY,
     VARIABLE_PREFIX,
 )
+
+log = logging.getLogger(__name__)
 
 ITEM_STATUSES = ("upsampled", "cached", "invalid", "failed", "planned")
 COUNT_KEYS = ("discovered", "upsampled", "cached", "invalid", "failed", "planned")
