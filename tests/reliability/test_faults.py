@@ -1,0 +1,350 @@
+"""Faults on the local runner: each run resumes, or ends with clear `failed` items, and loses nothing finished.
+
+Killed workers and tasks, a stray worker holding a job, an output folder that is full, read-only or in the way,
+and a validation that never finished. The DAG runs are real (`airflow dags test`); `airflow dags test` runs every
+task inside its own process, so "the task's process" below is that process.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from include.cosmos_upsample import stages
+from include.cosmos_upsample.settings import DAG_ID
+from tests.conftest import ROOT
+from tests.helpers import latest_report, make_video, run_dag, write_spec
+from tests.reliability.invariants import assert_invariants, ledger_entries, model_calls, tree_digest, tree_listing
+
+FAST = {"max_output_tokens": 64}
+# Where failed items are the expected outcome: the run still succeeds, so Airflow does not retry the report task
+# (it fails the run above max_failure_ratio, a failure that retries cannot change) and each run costs ~40 s less.
+TOLERANT = {"max_failure_ratio": 1.0}
+DIE_AFTER_ENV = "COSMOS_UPSAMPLE_WORKER_DIE_AFTER"
+WORKER = ROOT / "docker" / "upsampler" / "worker.py"
+
+
+def small_input(folder: Path, count: int) -> Path:
+    make_video(folder / "clip.mp4", 160, 90, seconds=1)
+    for index in range(count):
+        write_spec(folder, f"spec_{index}", input_video_path="clip.mp4")
+    return folder
+
+
+def conf(folder: Path, out: Path, **extra) -> dict:
+    return {"input_dir": str(folder), "output_dir": str(out), **FAST, **extra}
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def worker_pids(output_dir: Path) -> list[int]:
+    """The workers of jobs under output_dir (other sessions may run workers of their own)."""
+    found = subprocess.run(["pgrep", "-f", "docker/upsampler/worker.py"], capture_output=True, text=True).stdout
+    pids = []
+    for pid in map(int, found.split()):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+        except OSError:
+            continue
+        if f"--job-dir {output_dir}/jobs/" in command:
+            pids.append(pid)
+    return pids
+
+
+class LiveRun:
+    """`airflow dags test` in the background, its output collected as it comes (task logs stream to stdout)."""
+
+    def __init__(self, env: dict[str, str], run_conf: dict) -> None:
+        self.process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "airflow"), "dags", "test", DAG_ID, "-c", json.dumps(run_conf)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait(self, timeout: float = 600) -> str:
+        self.process.wait(timeout)
+        self._reader.join(10)
+        return self.output
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        self._reader.join(10)
+
+    def tail(self) -> str:
+        return "".join(self.lines[-60:])
+
+
+@pytest.fixture
+def live_runs(airflow_home):
+    """Starts `airflow dags test` runs; whatever a failed test leaves running is killed, its output shown."""
+    runs: list[LiveRun] = []
+
+    def start(run_conf: dict) -> LiveRun:
+        runs.append(LiveRun(airflow_home, run_conf))
+        return runs[-1]
+
+    yield start
+    for run in runs:
+        if run.process.poll() is None:
+            print(f"--- run left running, killed; its last output:\n{run.tail()}")
+            run.kill()
+
+
+def stop_worker_mid_job(run: LiveRun, out: Path, answers_before: int) -> int:
+    """Once the worker has a new answer, freeze it (it keeps its job lock) and let the task log catch up."""
+    wait_for(lambda: len(ledger_entries(out)) > answers_before and worker_pids(out), "a new answer")
+    assert run.process.poll() is None, run.tail()
+    [pid] = worker_pids(out)
+    os.kill(pid, signal.SIGSTOP)
+    wait_for(lambda: model_calls(run.output) == len(ledger_entries(out)) - answers_before,
+             "the task log to show every answer", timeout=30)
+    return pid
+
+
+@pytest.mark.e2e
+def test_worker_killed_mid_job_loses_and_repays_nothing(airflow_home, tmp_path):
+    folder, out = small_input(tmp_path / "in", 3), tmp_path / "out"
+    before, outside = tree_digest(folder), tree_listing(tmp_path, out)
+    # The worker SIGKILLs itself after two answers: the first attempt dies, the retry does the third spec.
+    result = run_dag(airflow_home, conf(folder, out), extra_env={DIE_AFTER_ENV: "2"})
+    report = latest_report(out)
+    assert report["counts"]["upsampled"] == 3
+    assert_invariants(folder, out, before, report, outside=(tmp_path, outside),
+                      outputs=(result.stdout + result.stderr,))
+    entries = ledger_entries(out)
+    assert len(entries) == 3 and len({entry["worker_run"] for entry in entries}) == 2
+
+
+@pytest.mark.e2e
+def test_killed_task_resumes_and_a_stray_worker_cannot_race(live_runs, tmp_path):
+    folder, out = small_input(tmp_path / "in", 5), tmp_path / "out"
+    before, outside = tree_digest(folder), tree_listing(tmp_path, out)
+
+    # Run A: the task's whole process tree is killed mid-job.
+    first = live_runs(conf(folder, out))
+    worker = stop_worker_mid_job(first, out, 0)
+    first.kill()
+    os.kill(worker, signal.SIGKILL)
+    after_first = len(ledger_entries(out))
+    assert 1 <= after_first < 5
+
+    # Run B resumes: the finished answers stay, the rest is a new job. Kill only its task process this time; the
+    # worker survives it, frozen, still holding its job: a stray.
+    second = live_runs(conf(folder, out))
+    stray = stop_worker_mid_job(second, out, after_first)
+    second.kill()
+    after_second = len(ledger_entries(out))
+    assert after_first < after_second < 5
+
+    # Run C gets the very job the stray holds; its worker refuses to race (exit 75) and the task fails this try.
+    # Once the stray is gone, the task's retry does only what is left.
+    third = live_runs(conf(folder, out))
+    # (A worker of another job would instead wait for the stray's GPU lock, then redo the stray's items.)
+    wait_for(lambda: any(words in third.output for words in ("held by another worker", "waiting for the GPU"))
+             or third.process.poll() is not None, "the stray to be detected")
+    os.kill(stray, signal.SIGKILL)
+    assert "held by another worker" in third.output, f"the re-run did not wait for the stray's job:\n{third.tail()}"
+    output = third.wait()
+    assert "state=success" in output, third.tail()
+
+    report = latest_report(out)
+    assert report["counts"]["upsampled"] == 5
+    assert_invariants(folder, out, before, report, outside=(tmp_path, outside),
+                      outputs=(first.output, second.output, third.output))
+    entries = ledger_entries(out)
+    assert len(entries) == 5 and len({entry["worker_run"] for entry in entries}) == 3
+
+
+class Mounts:
+    """Small tmpfs mounts inside output_dir: root ignores permissions, so "full" and "read-only" need a real
+    file system that is full or mounted read-only."""
+
+    def __init__(self) -> None:
+        self.mounted: list[Path] = []
+
+    def mount(self, path: Path, *, full: bool = False, read_only: bool = False) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(path)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); a full or read-only output folder is "
+                        "only testable as root with CAP_SYS_ADMIN")
+        self.mounted.append(path)
+        if full:
+            with (path / "filler").open("wb", buffering=0) as handle:
+                try:
+                    while True:
+                        handle.write(b"\0" * 4096)
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+
+    def unmount(self, path: Path) -> None:
+        subprocess.run(["umount", str(path)], check=True)
+        self.mounted.remove(path)
+
+    def unmount_all(self) -> None:
+        for path in reversed(self.mounted):
+            subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture
+def mounts():
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    made = Mounts()
+    yield made
+    made.unmount_all()
+
+
+def assert_all_failed(report: dict, count: int, *words: str) -> None:
+    assert report["counts"]["failed"] == count == report["counts"]["discovered"]
+    for item in report["items"]:
+        assert item["reason"].startswith(f"{Path(item['source_path']).name}: "), item["reason"]
+        for word in words:
+            assert word in item["reason"], item["reason"]
+
+
+@pytest.mark.e2e
+def test_full_or_read_only_output_folder_fails_items_then_a_rerun_completes_them(airflow_home, tmp_path, mounts):
+    folder, out = small_input(tmp_path / "in", 3), tmp_path / "out"
+    before, outside = tree_digest(folder), tree_listing(tmp_path, out)
+    outputs: list[str] = []
+
+    def run(**extra) -> dict:
+        result = run_dag(airflow_home, conf(folder, out, **extra))
+        outputs.append(result.stdout + result.stderr)
+        report = latest_report(out)
+        assert_invariants(folder, out, before, report, outside=(tmp_path, outside), outputs=tuple(outputs))
+        return report
+
+    # 1. No room for hint frames: every spec fails at validation (the videos are fine), no model is called.
+    mounts.mount(out / "hints", full=True)
+    assert_all_failed(run(**TOLERANT), 3, "No space left on device", str(out / "hints"))
+    assert not ledger_entries(out)
+    mounts.unmount(out / "hints")
+
+    # 2. specs/ read-only: the model answers, but no output can be written; the answers are kept.
+    mounts.mount(out / "specs", read_only=True)
+    assert_all_failed(run(**TOLERANT), 3, "Read-only file system", str(out / "specs"))
+    assert len(ledger_entries(out)) == 3
+    mounts.unmount(out / "specs")
+
+    # 3. specs/ full: same, and no half-written file is left behind (checked by assert_invariants).
+    mounts.mount(out / "specs", full=True)
+    assert_all_failed(run(**TOLERANT), 3, "No space left on device", str(out / "specs"))
+    assert sorted(path.name for path in (out / "specs").iterdir()) == ["filler"]
+    mounts.unmount(out / "specs")
+
+    # 4. Fixed: the outputs are written from the kept answers; no model call is paid again.
+    report = run()
+    assert report["counts"]["upsampled"] == 3
+    assert len(ledger_entries(out)) == 3 and model_calls(outputs[-1]) == 0
+
+
+@pytest.mark.e2e
+def test_an_output_in_the_way_fails_its_item_and_the_answer_is_not_paid_again(airflow_home, tmp_path):
+    folder, out = small_input(tmp_path / "in", 3), tmp_path / "out"
+    before, outside = tree_digest(folder), tree_listing(tmp_path, out)
+    (out / "specs" / "spec_0.json").mkdir(parents=True)  # a folder where the output file should go
+    first = run_dag(airflow_home, conf(folder, out, **TOLERANT))
+    report = latest_report(out)
+    outputs = (first.stdout + first.stderr,)
+    assert_invariants(folder, out, before, report, outside=(tmp_path, outside), outputs=outputs)
+    items = {item["spec_id"]: item for item in report["items"]}
+    assert items["spec_0"]["status"] == "failed"
+    assert str(out / "specs" / "spec_0.json") in items["spec_0"]["reason"]
+    assert "Is a directory" in items["spec_0"]["reason"]
+    assert items["spec_1"]["status"] == items["spec_2"]["status"] == "upsampled"
+
+    # The folder is removed; the re-run writes spec_0 from its kept answer (the others are cached). Its job would
+    # now hold only spec_0, a job of another name: the answer must be found in the first job's ledger.
+    shutil.rmtree(out / "specs" / "spec_0.json")
+    second = run_dag(airflow_home, conf(folder, out))
+    report = latest_report(out)
+    assert report["counts"] == {"discovered": 3, "upsampled": 1, "cached": 2, "invalid": 0, "failed": 0}
+    assert_invariants(folder, out, before, report, outside=(tmp_path, outside),
+                      outputs=(*outputs, second.stdout + second.stderr))
+    assert len(ledger_entries(out)) == 3
+
+
+def test_a_validation_that_never_finished_is_reported_as_failed(tmp_path):
+    """The validate task of a chunk failed for good (killed, out of memory): merge and report (trigger rule
+    all_done) still run, and that chunk's specs are failed items, not missing ones."""
+    folder, out = small_input(tmp_path / "in", 2), tmp_path / "out"
+    before = tree_digest(folder)
+    run_dir, chunks = stages.discover({"input_dir": str(folder), "output_dir": str(out)}, "manual__crashed",
+                                      lambda _key: None, {})
+    assert chunks  # ... and no validate_chunk(chunk) ever finished
+    stages.merge(str(run_dir), "manual__crashed")
+    with pytest.raises(RuntimeError, match="more than max_failure_ratio"):
+        stages.report(str(run_dir), "manual__crashed", DAG_ID, "2026-01-01T00:00:00+00:00")
+    report = latest_report(out)
+    assert_invariants(folder, out, before, report)
+    assert_all_failed(report, 2, "did not finish", "chunk-0000")
+
+
+def test_a_crash_on_one_spec_fails_only_that_spec(tmp_path, monkeypatch):
+    from include.cosmos_upsample import validate
+    from include.cosmos_upsample.layout import OutputLayout
+    from include.cosmos_upsample.settings import Settings
+
+    folder = small_input(tmp_path / "in", 2)
+    real_probe = validate.probe
+
+    def probe(path: Path, label: str):
+        if label.startswith("spec_0.json"):
+            raise RuntimeError("decoder exploded")
+        return real_probe(path, label)
+
+    monkeypatch.setattr(validate, "probe", probe)
+    settings = Settings(input_dir=str(folder), output_dir=str(tmp_path / "out"), backend="vllm", dry_run=True)
+    entries = [{"source_path": str(folder / f"spec_{index}.json"), "key": f"k{index}"} for index in range(2)]
+    items = validate.validate_entries(entries, settings, OutputLayout.at(settings.output_dir))
+    assert [item.status for item in items] == ["failed", "valid"]
+    assert items[0].reason.startswith("spec_0.json: validation crashed (RuntimeError: decoder exploded)")
+
+
+def test_a_second_worker_on_a_held_job_exits_75_and_pays_nothing(tmp_path):
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    (job_dir / "manifest.json").write_text(json.dumps({
+        "job_key": "j", "backend": "llama_cpp", "model": "/nonexistent.gguf", "max_model_len": 4096,
+        "max_output_tokens": 8, "items": [{"key": "k", "spec_id": "s", "text": "A cup."}]}))
+    with (job_dir / ".lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the first worker, still running
+        second = subprocess.run([sys.executable, str(WORKER), "--job-dir", str(job_dir)], capture_output=True,
+                                text=True, timeout=60)
+    assert second.returncode == 75
+    assert "held by another worker" in second.stderr
+    assert not (job_dir / "ledger.jsonl").exists()
