@@ -64,7 +64,8 @@ def overhead(env: dict[str, str], work: Path, count: int, rounds: int) -> dict:
             raws.append(raw_side(env, input_dir, work, str(index)))
     dag = min(dags, key=lambda run: run.wall_seconds)
     raw = min(raws, key=lambda result: result["raw"])
-    in_tasks = sum(dag.report()["stages"].values())
+    report = dag.report()
+    in_tasks = sum(report["stages"].values())
     loads = {"plan_jobs": len(dag.plan_jobs()), "worker_loaded_lines": dag.model_loaded_lines()}
     say(f"  model loads: {loads['plan_jobs']} job(s) in the plan, the worker printed 'model ... loaded' "
         f"{loads['worker_loaded_lines']}x")
@@ -81,6 +82,8 @@ def overhead(env: dict[str, str], work: Path, count: int, rounds: int) -> dict:
         "overhead_airflow_seconds": dag.wall_seconds - in_tasks,
         # The ratio had the stage work run as fast inside the DAG as outside it: robust to a CPU-starved model run.
         "overhead_ratio_airflow_only": (dag.wall_seconds - in_tasks + raw["raw"]) / raw["raw"],
-        "overhead_upsampled": dag.report()["counts"]["upsampled"],
+        # Same prompts, same seed, same answers: these differ only when other work on the machine starved one side.
+        "overhead_worker_seconds": {"dag": report["stages"]["upsample"], "raw": raw["upsample"]},
+        "overhead_upsampled": report["counts"]["upsampled"],
         "model_loads_cross_check": loads,
     }

@@ -129,10 +129,16 @@ def cosmos_prompt_upsample():
 
     @task(outlets=[UPSAMPLED_PROMPTS])
     def report(run_dir: str, merged: str, run_id=None, dag_run=None, ti=None):
-        from include.cosmos_upsample import stages
+        from airflow.sdk.exceptions import AirflowFailException
 
-        return stages.report(run_dir, run_id, DAG_ID, dag_run.start_date.isoformat(),
-                             publish=lambda location: ti.xcom_push(key=REPORT_XCOM_KEY, value=location))
+        from include.cosmos_upsample import stages
+        from include.cosmos_upsample.errors import NotRetryable
+
+        try:
+            return stages.report(run_dir, run_id, DAG_ID, dag_run.start_date.isoformat(),
+                                 publish=lambda location: ti.xcom_push(key=REPORT_XCOM_KEY, value=location))
+        except NotRetryable as exc:  # too many failed specs: the report is written, a retry cannot change it
+            raise AirflowFailException(str(exc)) from exc
 
     chunks = discover()
     run_dir = chunks[RUN_DIR_XCOM_KEY]

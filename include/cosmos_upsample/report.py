@@ -8,6 +8,7 @@ from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
+from include.cosmos_upsample.errors import NotRetryable
 from include.cosmos_upsample.items import Item
 from include.cosmos_upsample.layout import OutputLayout, write_json_atomic
 from include.cosmos_upsample.settings import Settings
@@ -16,8 +17,8 @@ COUNT_KEYS = ("discovered", "upsampled", "cached", "invalid", "failed")
 TEMPLATES = Path(__file__).parent / "templates"
 
 
-class TooManyFailures(RuntimeError):
-    """More specs failed than max_failure_ratio allows; the report is written first."""
+class TooManyFailures(NotRetryable):
+    """More specs failed than max_failure_ratio allows; the report is written first. A retry cannot change it."""
 
 
 def count_items(items: list[Item]) -> dict[str, int]:
