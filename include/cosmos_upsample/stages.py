@@ -55,12 +55,12 @@ def _cached_item(source: Path, spec_id: str, key: str, layout: OutputLayout, bud
     """The existing output, if it was made from these very bytes, video and settings."""
     output = layout.spec_path(spec_id)
     try:
-        upsampling = read_json(output)["metadata"]["upsampling"]
+        data = read_json(output)
+        upsampling = data["metadata"]["upsampling"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if upsampling.get("content_key") != key:
         return None
-    data = read_json(output)
     return Item(spec_id=spec_id, source_path=str(source), status="cached", key=key, name=data.get("name", ""),
                 tokens=Tokens(prompt=upsampling["tokens"]["prompt"], budget=budget), hint=upsampling["hint"],
                 frames_sent=upsampling.get("frames_sent", 0), output_path=str(output),
