@@ -17,6 +17,7 @@ from include.cosmos_upsample.batching import VALIDATE_CHUNK_SIZE, chunk_evenly, 
 from include.cosmos_upsample.items import Item, Tokens, failed_item, invalid_item, load_items, save_items
 from include.cosmos_upsample.layout import LAST_ERROR_NAME, OutputLayout, read_json, write_json_atomic
 from include.cosmos_upsample.settings import Settings, local_model_path, resolve_settings
+from include.cosmos_upsample.shared_storage import require_shared, write_marker
 from include.cosmos_upsample.specs import (
     SpecError,
     check_spec_file,
@@ -122,6 +123,7 @@ def discover(params: Mapping[str, Any], run_id: str, variable_get: Callable[[str
         )
     settings = settings.model_copy(update={"input_dir": str(input_dir), "output_dir": str(layout.root)})
     run_dir = layout.run_dir(run_id)
+    write_marker(run_dir)
     with timed_stage(run_dir, "discover"):
         write_json_atomic(run_dir / SETTINGS_NAME, settings.model_dump(mode="json"))
         sources = sorted(path for path in input_dir.glob("*.json") if path.is_file())
@@ -143,6 +145,7 @@ def validate_chunk(chunk_path: str) -> str:
     from include.cosmos_upsample.validate import validate_entries
 
     chunk, run_dir = Path(chunk_path), run_dir_of(chunk_path)
+    require_shared(run_dir)
     settings = load_settings(run_dir)
     out = run_dir / "validated" / chunk.name
     with timed_stage(run_dir, "validate", int(chunk.stem.split("-")[-1])):
@@ -177,6 +180,7 @@ def batch(validated: list[str]) -> list[dict[str, Any]]:
     from include.cosmos_upsample.merge import earlier_answers, point_to_job
 
     run = run_dir_of(validated[0])
+    require_shared(run)
     settings = load_settings(run)
     layout = OutputLayout.at(settings.output_dir)
     with timed_stage(run, "batch"):
@@ -214,6 +218,7 @@ def _worker_model(settings: Settings) -> str:
 
 def upsample(job: dict[str, Any], map_index: int, context: Mapping[str, Any]) -> dict[str, Any]:
     run_dir = Path(job["run_dir"])
+    require_shared(run_dir)
     settings = load_settings(run_dir)
     if settings.dry_run or not job["job_key"]:
         log.info("nothing to send to a model (%s)", "dry run" if settings.dry_run else "no valid items")
@@ -241,6 +246,7 @@ def merge(run_dir: str, run_id: str) -> str:
     from include.cosmos_upsample.merge import merge_items
 
     run = Path(run_dir)
+    require_shared(run)
     settings = load_settings(run)
     layout = OutputLayout.at(settings.output_dir)
     with timed_stage(run, "merge"):
@@ -263,6 +269,7 @@ def report(run_dir: str, run_id: str, dag_id: str, started_at: str,
     from include.cosmos_upsample.report import TooManyFailures, build_report, failure_exceeded, write_report
 
     run = Path(run_dir)
+    require_shared(run)
     settings = load_settings(run)
     with timed_stage(run, "report"):
         items = load_items(run / MERGED_NAME)
