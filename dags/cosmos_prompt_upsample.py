@@ -21,6 +21,7 @@ import datetime as dt
 
 from airflow.sdk import Asset, Param, dag, task
 
+from include.cosmos_upsample.deployment import upsample_task_options
 from include.cosmos_upsample.settings import ASSET_URI, DAG_ID, GPU_POOL, REPORT_XCOM_KEY, RUN_DIR_XCOM_KEY
 
 UPSAMPLED_PROMPTS = Asset(ASSET_URI)
@@ -105,7 +106,8 @@ def cosmos_prompt_upsample():
 
         return stages.batch(list(validated))
 
-    @task(map_index_template="{{ job_label }}", pool=GPU_POOL)
+    # The queue is a deployment setting (env COSMOS_UPSAMPLE_UPSAMPLE_QUEUE), read at parse time: see deployment.py.
+    @task(map_index_template="{{ job_label }}", pool=GPU_POOL, **upsample_task_options())
     def upsample(job: dict, ti=None):
         from airflow.sdk import get_current_context
         from airflow.sdk.exceptions import AirflowFailException

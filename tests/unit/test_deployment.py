@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from include.cosmos_upsample.deployment import UPSAMPLE_QUEUE_ENV, upsample_task_options
+from tests.conftest import ROOT
+
+
+class TestUpsampleQueue:
+    def test_unset_or_blank_leaves_airflows_default_queue(self):
+        assert upsample_task_options({}) == {}
+        assert upsample_task_options({UPSAMPLE_QUEUE_ENV: "  "}) == {}
+
+    def test_named_queue(self):
+        assert UPSAMPLE_QUEUE_ENV == "COSMOS_UPSAMPLE_UPSAMPLE_QUEUE"
+        assert upsample_task_options({UPSAMPLE_QUEUE_ENV: " gpu_hosts "}) == {"queue": "gpu_hosts"}
+
+    def test_the_parsed_dag_routes_only_upsample_to_it(self, airflow_home):
+        # A fresh interpreter: the queue is fixed when the DAG file is parsed, as by the dag-processor.
+        code = ("import json; from airflow.models.dagbag import DagBag;"
+                "dag = DagBag(dag_folder='dags').dags['cosmos_prompt_upsample'];"
+                "print(json.dumps({t.task_id: t.queue for t in dag.tasks}))")
+        out = subprocess.run([sys.executable, "-c", code], env={**airflow_home, UPSAMPLE_QUEUE_ENV: "gpu_hosts"},
+                             cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        queues = json.loads(out.strip().splitlines()[-1])
+        assert queues.pop("upsample") == "gpu_hosts" and set(queues.values()) == {"default"}, queues
