@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -31,6 +28,8 @@ for _path in (PLUGINS, Path(__file__).resolve().parent):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 from upsample_fixtures import ROOT, make_report, write_progress, write_report  # noqa: E402
+
+from tests.processes import Service, free_port, http_ok, run_checked, simple_auth_password, wait_for  # noqa: E402
 
 # In-process Airflow (auth manager, token checks) reads its config when first imported: give it a throwaway home
 # and SQLite DB unless the session already chose one. The api-server tests use their own home (`airflow_site`).
@@ -60,7 +59,7 @@ def output_dir(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def inprocess_db() -> None:
     """Token checks look up revoked tokens in the metadata DB, so the in-process one must be migrated."""
-    _run([str(VENV_BIN / "airflow"), "db", "migrate"], dict(os.environ))
+    run_checked([str(VENV_BIN / "airflow"), "db", "migrate"], dict(os.environ))
 
 
 @pytest.fixture(scope="session")
@@ -192,14 +191,6 @@ class AirflowSite:
         return maker.begin
 
 
-def _run(cmd: list[str], env: dict[str, str], timeout: int = 300) -> str:
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
-        output = f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-        raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}):\n{output}")
-    return result.stdout
-
-
 @pytest.fixture(scope="session")
 def airflow_site(tmp_path_factory: pytest.TempPathFactory) -> AirflowSite:
     """A migrated SQLite metadata DB in its own AIRFLOW_HOME holding a finished and a running DAG run."""
@@ -223,7 +214,7 @@ def airflow_site(tmp_path_factory: pytest.TempPathFactory) -> AirflowSite:
         "COSMOS_UPSAMPLE_OUTPUT_DIR": str(fallback_dir),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
-    _run([str(VENV_BIN / "airflow"), "db", "migrate"], env)
+    run_checked([str(VENV_BIN / "airflow"), "db", "migrate"], env)
     report = make_report("placeholder", output_dir)
     write_report(output_dir, report, file_stem="spec-files-only")  # the stand-in writes the report itself
     (output_dir / "reports" / "spec-files-only.json").unlink()
@@ -237,7 +228,7 @@ def airflow_site(tmp_path_factory: pytest.TempPathFactory) -> AirflowSite:
     script = home / "setup_runs.py"
     script.write_text(SETUP_SCRIPT)
     dag_file = dags / "cosmos_prompt_upsample_standin.py"
-    stdout = _run([sys.executable, str(script), str(dag_file), str(scenario_file)], env)
+    stdout = run_checked([sys.executable, str(script), str(dag_file), str(scenario_file)], env)
     run_ids = json.loads(next(line for line in stdout.splitlines() if line.startswith("RUN_IDS="))[8:])
     running_dir = output_dir / "runs" / run_ids["running"].replace("/", "_")
     write_progress(running_dir, output_dir, now=time.time())
@@ -259,12 +250,6 @@ def airflow_site(tmp_path_factory: pytest.TempPathFactory) -> AirflowSite:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclass
 class ApiServer:
     url: str
@@ -276,42 +261,22 @@ class ApiServer:
 @pytest.fixture(scope="session")
 def api_server(airflow_site: AirflowSite) -> Iterator[ApiServer]:
     """`airflow api-server` on 127.0.0.1 with the project's plugins and dags folders and SimpleAuthManager."""
-    import httpx
-
-    port = _free_port()
+    port = free_port()
     env = {
         **airflow_site.env,
         "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
         "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
         "AIRFLOW__API__WORKERS": "1",
     }
-    log = airflow_site.home / "api-server.log"
-    with log.open("w") as handle:
-        process = subprocess.Popen(
-            [str(VENV_BIN / "airflow"), "api-server", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
-        )
     url = f"http://127.0.0.1:{port}"
+    # Its own process group (it forks workers): stopping it stops exactly that group.
+    server = Service("api-server", [str(VENV_BIN / "airflow"), "api-server", "--host", "127.0.0.1", "--port",
+                                    str(port)], env, airflow_site.home / "api-server.log")
+    server.start()
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"api-server exited {process.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/api/v2/monitor/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"api-server did not answer in 120 s:\n{log.read_text()[-4000:]}")
-            time.sleep(0.5)
-        passwords = json.loads((airflow_site.home / "simple_auth_manager_passwords.json.generated").read_text())
-        yield ApiServer(url=url, username="admin", password=passwords["admin"], log=log)
+        wait_for(lambda: http_ok(f"{url}/api/v2/monitor/health"), 120, "the api-server to answer",
+                 logs=server.tail, services=[server])
+        yield ApiServer(url=url, username="admin", password=simple_auth_password(airflow_site.home),
+                        log=server.log)
     finally:
-        # The server runs in its own process group (it forks workers); stop exactly that group.
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        server.stop()

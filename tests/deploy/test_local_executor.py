@@ -1,0 +1,55 @@
+"""The DAG as a user runs it: api-server + scheduler + dag-processor with LocalExecutor on SQLite, triggered through
+the REST API with the trigger form's conf, then unpaused so the scheduler makes the @daily run by itself."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.deploy.airflow_site import AirflowSite
+from tests.deploy.checks import (
+    check_finished_run,
+    check_scheduled_run,
+    deployment_env,
+    deployment_variables,
+    expected_params,
+)
+
+pytestmark = pytest.mark.deploy
+
+
+@pytest.fixture
+def local_site(tmp_path, deploy_specs) -> Iterator[AirflowSite]:
+    home = tmp_path / "airflow"
+    site = AirflowSite(home=home, executor="LocalExecutor", sql_alchemy_conn=f"sqlite:///{home}/airflow.db",
+                       extra_env=deployment_env(tmp_path))
+    try:
+        site.prepare(deployment_variables(deploy_specs, tmp_path))
+        site.start_core()
+        yield site
+    finally:
+        site.stop()
+
+
+def test_form_trigger_then_daily_schedule(local_site, deploy_specs, tmp_path):
+    started = time.monotonic()
+    # As the form sends it: every Param present, the ones left empty null (so Variables and env apply), one typed.
+    conf = local_site.form_conf(output_dir=str(tmp_path / "outputs"))
+    assert conf["input_dir"] is None and conf["max_failure_ratio"] is None and len(conf) >= 15, conf
+    run_id = local_site.trigger(conf)
+    # A new DAG is paused, so the run waits; the form's user unpauses it, which also starts the @daily schedule.
+    assert local_site.run(run_id)["state"] == "queued"
+    local_site.unpause()
+    run = local_site.wait_run(run_id, 900)
+    assert run["state"] == "success", (run, local_site.services.tails())
+    assert run["run_type"] == "manual" and run["conf"] == conf
+
+    check_finished_run(local_site, run_id, deploy_specs, tmp_path / "outputs", expected_params(deploy_specs, tmp_path))
+    tis = local_site.task_instances(run_id)
+    assert {ti["task_id"] for ti in tis} == {"discover", "validate", "batch", "upsample", "merge_metadata", "report"}
+    assert all(ti["state"] == "success" and ti["try_number"] == 1 for ti in tis), tis
+
+    check_scheduled_run(local_site, deploy_specs, tmp_path, 900)
+    print(f"LocalExecutor deployment test: {time.monotonic() - started:.0f} s after the components were up")
