@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up this checkout on a fresh Debian 12 machine with Python 3.11: OS packages, .venv, an Airflow home.
 #   scripts/setup.sh          what the DAG needs (ffmpeg, Airflow, the local model)
-#   scripts/setup.sh --test   plus what the test suite needs (sshd, podman, chromium)
+#   scripts/setup.sh --test   plus what the test suite needs (sshd, podman, chromium, redis, postgresql)
 # Idempotent: a second run only checks.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -10,6 +10,8 @@ cd "$ROOT"
 apt_packages=$(grep -v '^#' packages.txt | xargs)
 if [[ "${1:-}" == "--test" ]]; then
   apt_packages+=" openssh-server podman runc debootstrap chromium chromium-driver curl"
+  # The CeleryExecutor deployment tests (tests/deploy) start their own Redis broker and PostgreSQL metadata DB.
+  apt_packages+=" redis-server postgresql"
 fi
 missing=()
 for pkg in $apt_packages; do

@@ -45,7 +45,7 @@ def celery_site(tmp_path, deploy_specs, redis_url, postgres_url) -> Iterator[tup
     home = tmp_path / "airflow"
     site = AirflowSite(home=home, executor="CeleryExecutor", sql_alchemy_conn=postgres_url, extra_env={
         "AIRFLOW__CELERY__BROKER_URL": redis_url,
-        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + postgres_url.replace("+psycopg2", ""),
+        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + postgres_url,
         "AIRFLOW__CORE__HOSTNAME_CALLABLE": "tests.deploy.worker_identity.hostname",
         # Read by the dag-processor when it parses the DAG: the upsample tasks go to this queue.
         UPSAMPLE_QUEUE_ENV: QUEUE,
@@ -124,4 +124,6 @@ def test_two_workers_queue_and_a_worker_killed_mid_upsample(celery_site, deploy_
 
     check_finished_run(site, run_id, deploy_specs, output_dir, expected_params(deploy_specs, tmp_path))
     check_scheduled_run(site, deploy_specs, tmp_path, 900)
+    summary = [(t["try_number"], t["hostname"], t["pid"], t["state"]) for t in tries]
+    print(f"killed {victim} mid-job; upsample tries (number, host, pid, state): {summary}")
     print(f"CeleryExecutor deployment test: {time.monotonic() - started:.0f} s after the components were up")
