@@ -50,6 +50,8 @@ def test_form_trigger_then_daily_schedule(local_site, deploy_specs, tmp_path):
     tis = local_site.task_instances(run_id)
     assert {ti["task_id"] for ti in tis} == {"discover", "validate", "batch", "upsample", "merge_metadata", "report"}
     assert all(ti["state"] == "success" and ti["try_number"] == 1 for ti in tis), tis
+    # Unlike `dags test`, every task instance ran in a process of its own (XCom went through the Execution API).
+    assert len({ti["pid"] for ti in tis}) == len(tis), tis
 
     check_scheduled_run(local_site, deploy_specs, tmp_path, 900)
     print(f"LocalExecutor deployment test: {time.monotonic() - started:.0f} s after the components were up")
