@@ -21,41 +21,21 @@ import datetime as dt
 
 from airflow.sdk import Asset, Param, dag, task
 
-from include.cosmos_upsample.settings import ASSET_URI, DAG_ID, GPU_POOL, REPORT_XCOM_KEY, RUN_DIR_XCOM_KEY
+from include.cosmos_upsample.settings import (
+    ASSET_URI,
+    DAG_ID,
+    GPU_POOL,
+    REPORT_XCOM_KEY,
+    RUN_DIR_XCOM_KEY,
+    param_schemas,
+)
 
 UPSAMPLED_PROMPTS = Asset(ASSET_URI)
 
 
-def _param(types: list[str], title: str, description: str, section: str, **schema) -> Param:
-    # Every Param may stay empty (null): then the deployment default applies, resolved at run time.
-    return Param(None, type=[*types, "null"], title=title, description=description, section=section, **schema)
-
-
-PARAMS = {
-    "input_dir": _param(["string"], "Input folder", "Folder (or URL) of *.json PromptSpecs.", "Data"),
-    "output_dir": _param(["string"], "Output folder", "Where specs/, reports/, hints/ and jobs/ go.", "Data"),
-    "runner": _param(["string"], "Runner", "local: on this worker. docker: on GPU hosts over SSH.", "Compute",
-                     enum=["local", "docker", None]),
-    "gpu_conn_ids": _param(["array"], "GPU hosts", "SSH connection ids of the GPU hosts (runner docker).",
-                           "Compute", items={"type": "string"}),
-    "backend": _param(["string"], "Backend", "vllm: the Pixtral-family VLM on GPU. llama_cpp: small local model.",
-                      "Model", enum=["vllm", "llama_cpp", None]),
-    "model": _param(["string"], "Model", "Model id or path; empty: the backend's default.", "Model"),
-    "max_model_len": _param(["integer"], "Context length", "The model's context in tokens (4096).", "Model",
-                            minimum=256),
-    "max_output_tokens": _param(["integer"], "Answer tokens", "Tokens reserved for the answer (300).", "Model",
-                                minimum=1),
-    "num_frames": _param(["integer"], "Frames", "Hint frames shown per prompt (2).", "Hint", minimum=1, maximum=16),
-    "hint_resolution": _param(["string"], "Hint size", "auto (largest that fits the budget) or WxH.", "Hint",
-                              pattern=r"^(auto|\d+x\d+)$"),
-    "batch_max_items": _param(["integer"], "Prompts per job", "Most prompts per model load (128).", "Compute",
-                              minimum=1),
-    "force": _param(["boolean"], "Force", "Upsample again even if an up-to-date result exists.", "Run"),
-    "max_failure_ratio": _param(["number"], "Failure ratio", "The run fails above this share failed (0.05).",
-                                "Run", minimum=0, maximum=1),
-    "dry_run": _param(["boolean"], "Dry run", "Plan only: validate, count tokens, batch, report; no model.", "Run"),
-    "sampling": _param(["object"], "Sampling", "temperature, top_p, repetition_penalty, seed.", "Model"),
-}
+# One Param per setting, generated from the settings model: types, bounds, enums, sections and descriptions that say
+# what an empty field means. Every Param may stay empty (null): the deployment default then applies at run time.
+PARAMS = {name: Param(None, **schema) for name, schema in param_schemas().items()}
 
 DEFAULT_ARGS = {
     "owner": "cosmos",

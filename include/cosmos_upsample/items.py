@@ -17,14 +17,17 @@ INTERNAL_FIELDS = {"key", "text", "frame_paths"}
 
 
 class Tokens(BaseModel):
-    prompt: int | None = None
+    prompt: int | None = None  # planned: the exact count of what the model receives
     budget: int
+    engine: int | None = None  # what the engine itself counted; None when no model ran
 
 
 class Hint(BaseModel):
     width: int | None = None
     height: int | None = None
     frames: int = 0
+    source: str | None = None  # input_video, vis, edge, seg or depth
+    times: list[float] = Field(default_factory=list)  # seconds into the clip
 
 
 class Item(BaseModel):

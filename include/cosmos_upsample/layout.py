@@ -18,9 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# In a job folder: why the job's last attempt failed, for the report's `failed` reasons.
-LAST_ERROR_NAME = "last_error.txt"
-
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._+=:@-]")
 
 

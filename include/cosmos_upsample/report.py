@@ -29,6 +29,12 @@ def count_items(items: list[Item]) -> dict[str, int]:
     return counts
 
 
+def tokens_equal(items: list[Item]) -> dict[str, int]:
+    """Items whose planned prompt count equals what the engine itself counted, out of those the engine counted."""
+    compared = [item for item in items if item.tokens.engine is not None]
+    return {"equal": sum(item.tokens.engine == item.tokens.prompt for item in compared), "compared": len(compared)}
+
+
 def build_report(
     *, run_id: str, dag_id: str, started_at: str, finished_at: str, settings: Settings, items: list[Item],
     stages: dict[str, float],
@@ -40,7 +46,10 @@ def build_report(
         "started_at": started_at,
         "finished_at": finished_at,
         "params": settings.model_dump(mode="json"),
+        "resolved": {"prompt_format": settings.format.name, "frame_sampling": settings.frames_from,
+                     "sampling": settings.effective_sampling, "engine": settings.engine_settings()},
         "counts": counts,
+        "tokens_equal": tokens_equal(items),
         "items": [item.report_dict() for item in items],
         "stages": {name: round(seconds, 3) for name, seconds in stages.items()},
         "state": "failed" if failure_exceeded(counts, settings.max_failure_ratio) else "success",

@@ -15,7 +15,8 @@ from typing import Any
 
 from include.cosmos_upsample.batching import VALIDATE_CHUNK_SIZE, chunk_evenly, plan_jobs
 from include.cosmos_upsample.items import Item, Tokens, failed_item, invalid_item, load_items, save_items
-from include.cosmos_upsample.layout import LAST_ERROR_NAME, OutputLayout, read_json, write_json_atomic
+from include.cosmos_upsample.jobformat import LAST_ERROR_NAME, MANIFEST_NAME, Job, JobItem
+from include.cosmos_upsample.layout import OutputLayout, read_json, write_json_atomic
 from include.cosmos_upsample.settings import Settings, local_model_path, resolve_settings
 from include.cosmos_upsample.specs import (
     SpecError,
@@ -124,7 +125,7 @@ def discover(params: Mapping[str, Any], run_id: str, variable_get: Callable[[str
     run_dir = layout.run_dir(run_id)
     with timed_stage(run_dir, "discover"):
         write_json_atomic(run_dir / SETTINGS_NAME, settings.model_dump(mode="json"))
-        sources = sorted(path for path in input_dir.glob("*.json") if path.is_file())
+        sources = sorted(path for path in input_dir.glob(settings.spec_pattern) if path.is_file())
         finals, pending = classify(sources, settings, layout)
         save_items(run_dir / DISCOVERED_NAME, finals)
         # Always one chunk at least, so the mapped validation (and what follows) runs even with nothing to do.
@@ -175,6 +176,7 @@ def _unvalidated(run_dir: Path) -> list[Item]:
 def batch(validated: list[str]) -> list[dict[str, Any]]:
     """Write one manifest per model job; returns the jobs to map over (at least one, maybe empty)."""
     from include.cosmos_upsample.merge import earlier_answers, point_to_job
+    from include.cosmos_upsample.tokens import planner_tokenizer
 
     run = run_dir_of(validated[0])
     settings = load_settings(run)
@@ -187,16 +189,17 @@ def batch(validated: list[str]) -> list[dict[str, Any]]:
         jobs = []
         for plan in plans:
             job_dir = layout.job_dir(plan.job_key)
-            manifest = {
-                "job_key": plan.job_key, "backend": settings.backend, "model": _worker_model(settings),
-                "max_model_len": settings.max_model_len, "max_output_tokens": settings.max_output_tokens,
-                "sampling": settings.sampling.model_dump(),
-                "items": [{"key": key, "spec_id": valid[key].spec_id, "text": valid[key].text,
-                           "frames": valid[key].frame_paths if settings.backend == "vllm" else []}
-                          for key in plan.item_keys],
-            }
+            job = Job(
+                job_key=plan.job_key, backend=settings.backend, model=_worker_model(settings),
+                max_model_len=settings.max_model_len, max_output_tokens=settings.max_output_tokens,
+                prompt_format=settings.format.name, sampling=settings.effective_sampling,
+                engine=settings.engine_settings(), planner_tokenizer=planner_tokenizer(settings),
+                items=tuple(JobItem(key, valid[key].spec_id, valid[key].text,
+                                    tuple(valid[key].frame_paths) if settings.backend == "vllm" else (),
+                                    planned_tokens=valid[key].tokens.prompt) for key in plan.item_keys),
+            )
             if not settings.dry_run:
-                write_json_atomic(job_dir / "manifest.json", manifest)
+                write_json_atomic(job_dir / MANIFEST_NAME, job.to_manifest())
                 point_to_job(layout, plan.job_key, plan.item_keys)
             jobs.append({"job_key": plan.job_key, "job_dir": str(job_dir), "conn_id": plan.conn_id,
                          "items": len(plan.item_keys), "run_dir": str(run)})
@@ -224,7 +227,7 @@ def upsample(job: dict[str, Any], map_index: int, context: Mapping[str, Any]) ->
             if settings.runner == "local":
                 from include.cosmos_upsample.runners import run_local_job
 
-                run_local_job(job_dir)
+                run_local_job(job_dir, settings.worker_python)
             else:
                 from include.cosmos_upsample.remote import run_docker_job
 
@@ -247,9 +250,9 @@ def merge(run_dir: str, run_id: str) -> str:
         plan = read_json(run / PLAN_NAME) if (run / PLAN_NAME).exists() else {"jobs": []}
         job_dirs = {key: Path(job_dir) for key, job_dir in plan.get("answered", {}).items()}
         for job in plan["jobs"]:
-            manifest = Path(job["job_dir"]) / "manifest.json"
-            if manifest.exists():
-                job_dirs.update({item["key"]: manifest.parent for item in read_json(manifest)["items"]})
+            job_dir = Path(job["job_dir"])
+            if (job_dir / MANIFEST_NAME).exists():
+                job_dirs.update({item.key: job_dir for item in Job.read(job_dir).items})
         items = merge_items(_all_items(run), job_dirs, layout, settings, run_id)
         save_items(run / MERGED_NAME, items)
     return str(run / MERGED_NAME)

@@ -16,10 +16,16 @@ from pathlib import Path
 
 from include.cosmos_upsample.items import Hint, Item, Tokens, failed_item, invalid_item
 from include.cosmos_upsample.layout import OutputLayout
-from include.cosmos_upsample.prompting import build_user_text
 from include.cosmos_upsample.settings import Settings, local_model_path, parse_resolution
 from include.cosmos_upsample.specs import SpecError, check_spec_file, file_identity, load_spec, resolve_video
-from include.cosmos_upsample.tokens import PixtralCounter, PromptTooLong, SearchingPixtralCounter, fit_hint
+from include.cosmos_upsample.tokens import (
+    PixtralCounter,
+    PromptTooLong,
+    SearchingPixtralCounter,
+    fit_hint,
+    pixtral_counter,
+    planner_tokenizer_file,
+)
 from include.cosmos_upsample.video import VideoError, cached_hint, frame_times, hint_key, probe
 
 log = logging.getLogger(__name__)
@@ -36,7 +42,7 @@ class Counters:
 
 
 def make_counters(settings: Settings) -> Counters:
-    pixtral = PixtralCounter()
+    pixtral = pixtral_counter(planner_tokenizer_file(settings), settings.format.images_first)
     if settings.backend == "vllm":
         return Counters(pixtral, pixtral, True, threading.Lock())
     from include.cosmos_upsample.tokens import LlamaCppCounter
@@ -57,7 +63,7 @@ def validate_spec(source: Path, key: str, settings: Settings, counters: Counters
                 f"{label} has {info.frame_count} frame(s), fewer than num_frames={settings.num_frames}; "
                 "use a longer clip or lower num_frames"
             )
-        text = build_user_text(spec.prompt)
+        text = settings.format.user_text(spec.prompt)
         size = _hint_size(settings, counters, text, info.width, info.height, source.name)
         frames = settings.num_frames
         with counters.lock:
