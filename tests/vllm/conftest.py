@@ -7,6 +7,7 @@ subprocess. Without that venv they fail, never skip: `bash scripts/setup.sh --te
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 from pathlib import Path
 
@@ -47,3 +48,16 @@ def tiny_pixtral(vllm_python: Path, tmp_path_factory: pytest.TempPathFactory) ->
     if done.returncode != 0:
         pytest.fail(f"tiny_pixtral.py failed ({done.returncode}):\n{done.stderr[-3000:]}", pytrace=False)
     return model_dir
+
+
+@pytest.fixture(scope="session")
+def vllm_cpu_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A complete environment for processes running vLLM on the CPU: this one plus a 1 GiB KV cache, the engine in one
+    process (no engine-core child; 2.1 GiB peak RSS in engine_probe.py), and vLLM's cache files in this session's
+    scratch folder."""
+    return {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CACHE_ROOT": str(tmp_path_factory.mktemp("vllm-cache")),
+    }
