@@ -154,7 +154,9 @@ class VllmBackend:
         renderer = self._llm.renderer
         params = ChatParams(chat_template_kwargs={"add_generation_prompt": True, "tokenize": True})
         unlimited = dataclasses.replace(renderer.default_chat_tok_params, max_total_tokens=None)
-        _, (prompt,) = renderer.render_chat([conversation], params, unlimited)
+        # skip_mm_cache: with vLLM's multimodal processor cache, images of a prompt rendered but never submitted
+        # (an overlong item) count as sent, and a later request with the same images fails in the engine.
+        _, (prompt,) = renderer.render_chat([conversation], params, unlimited, skip_mm_cache=True)
         return prompt
 
     @staticmethod
@@ -168,6 +170,8 @@ class VllmBackend:
         return SamplingParams(**sampling_arguments(self._job, item), output_kind=RequestOutputKind.FINAL_ONLY)
 
     def answers(self, items: Sequence[JobItem], job_dir: Path) -> Iterator[tuple[JobItem, Answer]]:
+        from vllm.exceptions import VLLMError
+
         engine, pending = self._llm.llm_engine, {}
         for index, item in enumerate(items):
             prompt = self.render(build_conversation(item, self._job, job_dir))
@@ -181,7 +185,11 @@ class VllmBackend:
                     f"prompt is {length} tokens by the engine's count, over the budget of {budget} (max_model_len "
                     f"{self._job.max_model_len} - {answer_tokens} answer tokens); not sent to the model"))
                 continue
-            engine.add_request(item.key, prompt, self._sampling(item))
+            try:
+                engine.add_request(item.key, prompt, self._sampling(item))
+            except (ValueError, VLLMError) as exc:  # refused (nothing is queued): this item fails, the rest go on
+                yield item, Answer(prompt_tokens=length, error=f"the engine refused the request: {exc}")
+                continue
             pending[item.key] = item
         while engine.has_unfinished_requests():
             for output in engine.step():

