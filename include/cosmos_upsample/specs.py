@@ -91,22 +91,28 @@ def resolve_video(spec: PromptSpec, spec_path: Path, input_dir: Path) -> Path:
     """The spec's video as a real path inside input_dir; symlinks and '..' that leave it are refused."""
     if not spec.input_video_path:
         raise SpecError(f"{spec_path.name}: no input_video_path; add the path of the prompt's video")
+    return resolve_input_file(spec.input_video_path, "input_video_path", "video", spec_path, input_dir)
+
+
+def resolve_input_file(raw: str, field: str, noun: str, spec_path: Path, input_dir: Path) -> Path:
+    """A file a spec names (its video, a control video) as a real path inside input_dir: relative paths start at
+    input_dir; symlinks and '..' that leave it are refused. `field` and `noun` name it in the reason, e.g.
+    ("control_inputs.depth", "control video")."""
     root = input_dir.resolve()
-    candidate = Path(spec.input_video_path)
+    candidate = Path(raw)
     if not candidate.is_absolute():
         candidate = root / candidate
     real = Path(os.path.realpath(candidate))
     if not is_within(real, root):
         raise SpecError(
-            f"{spec_path.name}: input_video_path {spec.input_video_path!r} leaves input_dir {str(root)!r}; "
-            "keep videos inside input_dir"
+            f"{spec_path.name}: {field} {raw!r} leaves input_dir {str(root)!r}; keep videos inside input_dir"
         )
     if not real.exists():
-        raise SpecError(f"{spec_path.name}: video {spec.input_video_path!r} not found under input_dir")
+        raise SpecError(f"{spec_path.name}: {noun} {raw!r} not found under input_dir; fix {field} or add the file")
     if not real.is_file():
-        raise SpecError(f"{spec_path.name}: video {spec.input_video_path!r} is not a regular file")
+        raise SpecError(f"{spec_path.name}: {noun} {raw!r} ({field}) is not a regular file")
     if real.stat().st_size == 0:
-        raise SpecError(f"{spec_path.name}: video {spec.input_video_path!r} is empty (0 bytes); replace it")
+        raise SpecError(f"{spec_path.name}: {noun} {raw!r} ({field}) is empty (0 bytes); replace it")
     return real
 
 
