@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from include.cosmos_upsample.batching import VALIDATE_CHUNK_SIZE, chunk_evenly, plan_jobs
+from include.cosmos_upsample.hints import inputs_identity
 from include.cosmos_upsample.items import Item, Tokens, failed_item, invalid_item, load_items, save_items
 from include.cosmos_upsample.jobformat import LAST_ERROR_NAME, MANIFEST_NAME, Job, JobItem
 from include.cosmos_upsample.layout import OutputLayout, read_json, write_json_atomic
@@ -22,9 +23,7 @@ from include.cosmos_upsample.specs import (
     SpecError,
     check_spec_file,
     content_key,
-    file_identity,
     load_spec,
-    resolve_video,
 )
 
 log = logging.getLogger(__name__)
@@ -88,7 +87,7 @@ def classify(sources: list[Path], settings: Settings, layout: OutputLayout) -> t
             continue
         owners[spec.id] = source
         try:
-            video_identity = file_identity(resolve_video(spec, source, input_dir))
+            video_identity = inputs_identity(spec, source, input_dir, settings.hint_source)
         except (SpecError, OSError):
             video_identity = "no-video"
         key = content_key(source.read_bytes(), video_identity, settings.fingerprint())
