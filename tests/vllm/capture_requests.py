@@ -12,7 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-import worker
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "docker" / "upsampler"))
+import worker  # noqa: E402
 
 
 def main(job_dir: Path, out: Path) -> int:

