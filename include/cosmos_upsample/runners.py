@@ -10,7 +10,8 @@ import sys
 from collections import deque
 from pathlib import Path
 
-from include.cosmos_upsample.jobformat import GPU_LOCK_NAME
+from include.cosmos_upsample.errors import NotRetryable
+from include.cosmos_upsample.jobformat import EXIT_TOKENIZER_MISMATCH, GPU_LOCK_NAME
 from include.cosmos_upsample.settings import PROJECT_ROOT
 
 WORKER_SCRIPT = PROJECT_ROOT / "docker" / "upsampler" / "worker.py"
@@ -20,6 +21,10 @@ log = logging.getLogger(__name__)
 
 class WorkerFailed(RuntimeError):
     """The worker stopped before finishing; the ledger keeps what it finished, so a retry resumes."""
+
+
+class PlanNotTheEngines(NotRetryable):
+    """The engine counts prompts differently from the plan: a retry would be refused again (fix the tokenizer)."""
 
 
 def local_worker_command(job_dir: Path, python: str = "") -> list[str]:
@@ -57,6 +62,9 @@ def run_local_job(job_dir: Path, python: str = "") -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+    if code == EXIT_TOKENIZER_MISMATCH:
+        refusal = [line for line in tail if line.startswith("refusing job")] or list(tail)
+        raise PlanNotTheEngines(refusal[-1])
     if code != 0:
         raise WorkerFailed(
             f"worker for job {job_dir.name} {describe_exit(code)}; finished items are kept in the ledger and a "
