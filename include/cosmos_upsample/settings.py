@@ -155,6 +155,8 @@ class Settings(BaseModel):
                                  section=None, description="Mounted read-only at /models.")
     host_work_dir: str = _field("/var/lib/cosmos-upsampler/jobs", title="Job folder on GPU hosts", section=None,
                                 description="Mounted at /work.")
+    ledger_sync_seconds: float = _field(10.0, title="Ledger copy interval", section=None, ge=0.1,
+                                        description="Seconds between copies of a running GPU job's ledger.")
     worker_python: str = _field("", title="Local worker interpreter", section=None,
                                 description="Python that runs the worker for runner local; empty: Airflow's.")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from include.cosmos_upsample.batching import VALIDATE_CHUNK_SIZE, chunk_evenly, plan_jobs
+from include.cosmos_upsample.gpu_slots import all_slots, engine_for
 from include.cosmos_upsample.hints import inputs_identity
 from include.cosmos_upsample.items import Item, Tokens, failed_item, invalid_item, load_items, save_items
 from include.cosmos_upsample.jobformat import LAST_ERROR_NAME, MANIFEST_NAME, Job, JobItem
@@ -183,8 +184,10 @@ def batch(validated: list[str]) -> list[dict[str, Any]]:
     with timed_stage(run, "batch"):
         valid = {item.key: item for item in _all_items(run) if item.status == "valid"}
         answered = {} if settings.dry_run else earlier_answers(layout, valid)
-        plans = plan_jobs([key for key in valid if key not in answered], settings.batch_max_items,
-                          settings.gpu_conn_ids, settings.fingerprint())
+        hosts, pinned = _gpu_hosts_and_live_jobs(settings, layout, valid)
+        slots = all_slots(hosts)
+        plans = plan_jobs([key for key in valid if key not in answered], settings.batch_max_items, slots,
+                          settings.fingerprint(), pinned)
         jobs = []
         for plan in plans:
             job_dir = layout.job_dir(plan.job_key)
@@ -192,7 +195,8 @@ def batch(validated: list[str]) -> list[dict[str, Any]]:
                 job_key=plan.job_key, backend=settings.backend, model=_worker_model(settings),
                 max_model_len=settings.max_model_len, max_output_tokens=settings.max_output_tokens,
                 prompt_format=settings.format.name, sampling=settings.effective_sampling,
-                engine=settings.engine_settings(), planner_tokenizer=planner_tokenizer(settings),
+                engine={**settings.engine_settings(), **engine_for(slots, plan.conn_id, plan.slot, settings.backend)},
+                planner_tokenizer=planner_tokenizer(settings),
                 items=tuple(JobItem(key, valid[key].spec_id, valid[key].text,
                                     tuple(valid[key].frame_paths) if settings.backend == "vllm" else (),
                                     planned_tokens=valid[key].tokens.prompt) for key in plan.item_keys),
@@ -201,11 +205,21 @@ def batch(validated: list[str]) -> list[dict[str, Any]]:
                 write_json_atomic(job_dir / MANIFEST_NAME, job.to_manifest())
                 point_to_job(layout, plan.job_key, plan.item_keys)
             jobs.append({"job_key": plan.job_key, "job_dir": str(job_dir), "conn_id": plan.conn_id,
-                         "items": len(plan.item_keys), "run_dir": str(run)})
+                         "slot": plan.slot, "items": len(plan.item_keys), "run_dir": str(run)})
         write_json_atomic(run / PLAN_NAME, {"jobs": jobs, "answered": answered})
     log.info("%d valid items (%d answered by earlier jobs) in %d job(s) of at most %d", len(valid), len(answered),
              len(jobs), settings.batch_max_items)
     return jobs or [{"job_key": None, "job_dir": None, "conn_id": None, "items": 0, "run_dir": str(run)}]
+
+
+def _gpu_hosts_and_live_jobs(settings: Settings, layout: OutputLayout, valid: Mapping[str, Item]):
+    """The GPU hosts' slots, and the jobs of these items whose container still runs (kept whole by plan_jobs)."""
+    if settings.runner != "docker":
+        return [], []
+    from include.cosmos_upsample.remote import gpu_hosts, live_remote_jobs
+
+    pinned = [] if settings.dry_run else live_remote_jobs(layout, settings.gpu_conn_ids, valid)
+    return gpu_hosts(settings.gpu_conn_ids), pinned
 
 
 def _worker_model(settings: Settings) -> str:
