@@ -26,7 +26,7 @@ import shlex
 import stat
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -46,7 +46,7 @@ from include.cosmos_upsample.gpu_slots import (
     wants_discovery,
 )
 from include.cosmos_upsample.jobformat import EXIT_JOB_BUSY, LEDGER_NAME, MANIFEST_NAME, Job
-from include.cosmos_upsample.layout import OutputLayout, read_json
+from include.cosmos_upsample.layout import OutputLayout, read_json, write_json_atomic
 from include.cosmos_upsample.settings import DEFAULT_MODELS, Settings
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,8 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 JOB_LABEL = "cosmos-upsample.job"
 SLOT_LABEL = "cosmos-upsample.slot"
 SLOT_LOCK_LABEL = "cosmos-upsample.slot-lock"
+# In the local job folder: which host the job's last container ran on, so a later batch asks that host.
+HOST_MARKER_NAME = "host.json"
 # The Docker API version the runner speaks (Docker 20.10+, podman 4): fixed, so no round trip to ask.
 DOCKER_API_VERSION = "1.41"
 # How often the container's state is looked at while it runs (the ledger is copied every ledger_sync_seconds).
@@ -279,38 +281,59 @@ def running_containers(api, label: str) -> list[dict[str, Any]]:
     return api.containers(filters={"label": [label], "status": ["running"]})
 
 
-def live_remote_jobs(layout: OutputLayout, conn_ids: Sequence[str], item_keys: Iterable[str]) -> list[JobPlan]:
-    """Jobs given some of these items whose container still runs on a host (a killed task's): batch keeps them
-    whole instead of re-planning their items into a second job that would pay for them again.
-
-    A host that cannot be asked is logged and skipped: the worker's own job lock still refuses a second worker.
-    """
-    wanted, pointed = set(item_keys), set()
-    for key in wanted:
+def _pointed_jobs(layout: OutputLayout, item_keys: Iterable[str]) -> set[str]:
+    pointed = set()
+    for key in item_keys:
         try:
             pointed.add(layout.answer_pointer(key).read_text(encoding="utf-8").strip())
         except OSError:
             continue
-    if not pointed:
-        return []
+    return pointed
+
+
+def _hosts_of(layout: OutputLayout, job_keys: Iterable[str]) -> dict[str, list[str]]:
+    """conn_id -> the jobs whose last container ran there (from each job's HOST_MARKER_NAME)."""
+    hosts: dict[str, list[str]] = {}
+    for job_key in job_keys:
+        try:
+            conn_id = read_json(layout.job_dir(job_key) / HOST_MARKER_NAME)["conn_id"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        hosts.setdefault(conn_id, []).append(job_key)
+    return hosts
+
+
+def live_remote_jobs(layout: OutputLayout, settings: Settings, item_keys: Iterable[str]) -> list[JobPlan]:
+    """Before batch plans these items, ask the hosts that ran their jobs what they hold now.
+
+    Each such job's ledger is copied back first (a container that outlived its killed task kept answering), so
+    `earlier_answers` sees every answer the host has. A job whose container still runs is returned, to be kept
+    whole by plan_jobs instead of re-planned into a second job that would pay for its items again. A host that
+    cannot be asked is logged and skipped: the worker's own job lock still refuses a second worker.
+    """
+    wanted = set(item_keys)
     pinned = []
-    for conn_id in conn_ids:
+    for conn_id, job_keys in _hosts_of(layout, _pointed_jobs(layout, wanted)).items():
         try:
             client = open_verified(ssh_hook(conn_id))
         except Exception as exc:  # noqa: BLE001 - the upsample task reports the host's problem
-            log.warning("could not ask GPU host %s for running jobs (%s)", conn_id, exc)
+            log.warning("could not ask GPU host %s about jobs %s (%s)", conn_id, job_keys, exc)
             continue
         try:
+            with client.open_sftp() as sftp:
+                for job_key in job_keys:
+                    remote = RemoteJob(conn_id, job_key, PurePosixPath(settings.host_work_dir),
+                                       PurePosixPath(settings.host_model_dir))
+                    sync_ledger(sftp, remote, layout.job_dir(job_key))
             running = running_containers(_verified_engine_client(client, 30), JOB_LABEL)
         finally:
             client.close()
         for container in running:
             labels = container.get("Labels") or {}
             job_key = labels.get(JOB_LABEL)
-            manifest = layout.job_dir(job_key or "-") / MANIFEST_NAME
-            if job_key in pointed and manifest.exists():
+            if job_key in job_keys and (layout.job_dir(job_key) / MANIFEST_NAME).exists():
                 slot = labels.get(SLOT_LABEL, "/0").rsplit("/", 1)[-1]
-                keys = tuple(item.key for item in Job.read(manifest.parent).items if item.key in wanted)
+                keys = tuple(item.key for item in Job.read(layout.job_dir(job_key)).items if item.key in wanted)
                 log.info("job %s still runs on %s (container %s): kept whole, not re-planned", job_key, conn_id,
                          container.get("Id", "")[:12])
                 pinned.append(JobPlan(job_key, conn_id, keys, int(slot) if slot.isdigit() else 0))
@@ -411,6 +434,7 @@ class ContainerWatch:
     local_job_dir: Path
     sync_seconds: float
     log_lines: int = 0
+    ledger_bytes: int = 0
     tail: tuple[str, ...] = ()
 
     def copy_logs(self) -> None:
@@ -428,8 +452,9 @@ class ContainerWatch:
             if clock() - synced >= self.sync_seconds:
                 size = sync_ledger(self.sftp, self.job, self.local_job_dir)
                 self.copy_logs()
-                log.info("ledger of job %s: %d bytes here", self.job.job_key, size)
-                synced = clock()
+                if size != self.ledger_bytes:
+                    log.info("ledger of job %s: %d bytes here", self.job.job_key, size)
+                synced, self.ledger_bytes = clock(), size
             time.sleep(min(POLL_SECONDS, self.sync_seconds))
 
 
@@ -450,6 +475,7 @@ def _start_or_adopt(api, sftp, settings: Settings, job: RemoteJob, job_info: dic
     log.info("staged job %s on %s: %d frame file(s) sent", job.job_key, job.conn_id, sent)
     spec = container_spec(settings, job, place, uuid.uuid4().hex[:8])
     container_id = create_container(api, spec)
+    write_json_atomic(local_job_dir / HOST_MARKER_NAME, {"conn_id": job.conn_id, "container": spec.name})
     api.start(container_id)
     log.info("started container %s for job %s on slot %s (GPUs %s, lock %s)", spec.name, job.job_key, slot.label,
              list(slot.device_ids) or "all", slot.lock_name)
@@ -484,8 +510,9 @@ def run_docker_job(settings: Settings, job_info: dict[str, Any], context: dict[s
                 watch.copy_logs()
                 size = sync_ledger(sftp, job, local_job_dir)
                 log.info("fetched the ledger of job %s (%d bytes)", job.job_key, size)
-            if api.inspect_container(container_id)["State"].get("Running") is False:
-                api.remove_container(container_id, force=True)
+            info = api.inspect_container(container_id)
+            state, labels = info["State"], info["Config"].get("Labels") or {}
+            api.remove_container(container_id, force=True)
     finally:
         client.close()
     if code == EXIT_JOB_BUSY:
@@ -494,4 +521,5 @@ def run_docker_job(settings: Settings, job_info: dict[str, Any], context: dict[s
         raise WorkerFailed(
             f"worker container for job {job.job_key} on {job.conn_id} exited with status {code}; finished items are "
             "kept in the ledger and a retry does only the rest. Last output:\n" + "\n".join(watch.tail))
-    return {"container": container_id[:12]}
+    return {"container": container_id[:12], "started_at": state.get("StartedAt"),
+            "finished_at": state.get("FinishedAt"), "slot_lock": labels.get(SLOT_LOCK_LABEL)}

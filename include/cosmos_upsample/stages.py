@@ -218,7 +218,7 @@ def _gpu_hosts_and_live_jobs(settings: Settings, layout: OutputLayout, valid: Ma
         return [], []
     from include.cosmos_upsample.remote import gpu_hosts, live_remote_jobs
 
-    pinned = [] if settings.dry_run else live_remote_jobs(layout, settings.gpu_conn_ids, valid)
+    pinned = [] if settings.dry_run else live_remote_jobs(layout, settings, valid)
     return gpu_hosts(settings.gpu_conn_ids), pinned
 
 
