@@ -28,6 +28,7 @@ TARGETS = {  # figure -> (comparison, bound) from the issue
     "task_instances_for_1000_specs": ("<=", 60),
     "model_loads_for_1000_specs": ("<=", 8),
     "tokens_exact": (">=", 1.0),
+    "gpu_slots_used_for_1000_specs": (">=", 16),
 }
 
 
@@ -49,7 +50,7 @@ QUICK = Plan(parse_runs=5, hint_clips=8, hint_rounds=4, long_short_reps=5, specs
              overhead_specs=6, overhead_rounds=2)
 FULL = Plan(parse_runs=11, hint_clips=24, hint_rounds=6, long_short_reps=11, specs=1000, token_sample=None,
             overhead_specs=20, overhead_rounds=3)
-SECTIONS = ("parse", "hints", "scale", "overhead", "vllm")
+SECTIONS = ("parse", "hints", "scale", "overhead", "vllm", "slots")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -146,6 +147,16 @@ def section_vllm(env: dict, plan: Plan, work: Path) -> dict:
     return figures
 
 
+def section_slots(env: dict, plan: Plan, work: Path) -> dict:
+    from bench.common import say
+    from bench.slots import slot_figures
+
+    figures = slot_figures(plan.specs)
+    say(f"== GPU slots, 2 hosts x 8 GPUs declared (dry run planning): {figures['gpu_jobs_for_1000_specs_2x8']} jobs "
+        f"on {figures['gpu_slots_used_for_1000_specs']} slots; pool size {figures['gpu_pool_size_2x8']}")
+    return figures
+
+
 def check_targets(figures: dict) -> dict[str, bool]:
     checks = {}
     for name, (comparison, bound) in TARGETS.items():
@@ -177,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     say(f"machine: {figures['machine']}")
     env, work = prepare(args)
     sections = {"parse": section_parse, "hints": section_hints, "scale": section_scale,
-                "overhead": section_overhead, "vllm": section_vllm}
+                "overhead": section_overhead, "vllm": section_vllm, "slots": section_slots}
     for name in SECTIONS:
         if name in args.only:
             figures.update(sections[name](env, plan, work))
