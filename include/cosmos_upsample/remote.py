@@ -32,7 +32,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from include.cosmos_upsample.batching import JobPlan
-from include.cosmos_upsample.errors import NotRetryable
+from include.cosmos_upsample.errors import NotRetryable, PlanNotTheEngines, WorkerFailed
 from include.cosmos_upsample.gpu_slots import (
     GPUS_EXTRA,
     NVIDIA_SMI_COMMAND,
@@ -45,7 +45,13 @@ from include.cosmos_upsample.gpu_slots import (
     placement,
     wants_discovery,
 )
-from include.cosmos_upsample.jobformat import EXIT_JOB_BUSY, LEDGER_NAME, MANIFEST_NAME, Job
+from include.cosmos_upsample.jobformat import (
+    EXIT_JOB_BUSY,
+    EXIT_TOKENIZER_MISMATCH,
+    LEDGER_NAME,
+    MANIFEST_NAME,
+    Job,
+)
 from include.cosmos_upsample.layout import OutputLayout, read_json, write_json_atomic
 from include.cosmos_upsample.settings import DEFAULT_MODELS, Settings
 
@@ -69,10 +75,6 @@ POLL_SECONDS = 1.0
 
 class HostKeyError(NotRetryable):
     """The GPU host's SSH key is unknown or changed: refused, never auto-accepted."""
-
-
-class WorkerFailed(RuntimeError):
-    """The worker container stopped before finishing; the ledger keeps what it finished, so a retry resumes."""
 
 
 @dataclass(frozen=True)
@@ -517,6 +519,9 @@ def run_docker_job(settings: Settings, job_info: dict[str, Any], context: dict[s
         client.close()
     if code == EXIT_JOB_BUSY:
         raise WorkerFailed(f"job {job.job_key} is held by another worker on {job.conn_id}; the retry adopts it")
+    if code == EXIT_TOKENIZER_MISMATCH:
+        refusal = [line for line in watch.tail if line.startswith("refusing job")] or list(watch.tail)
+        raise PlanNotTheEngines(f"on {job.conn_id}: {refusal[-1] if refusal else 'tokenizer mismatch'}")
     if code != 0:
         raise WorkerFailed(
             f"worker container for job {job.job_key} on {job.conn_id} exited with status {code}; finished items are "

@@ -10,21 +10,13 @@ import sys
 from collections import deque
 from pathlib import Path
 
-from include.cosmos_upsample.errors import NotRetryable
+from include.cosmos_upsample.errors import PlanNotTheEngines, WorkerFailed
 from include.cosmos_upsample.jobformat import EXIT_TOKENIZER_MISMATCH, GPU_LOCK_NAME
 from include.cosmos_upsample.settings import PROJECT_ROOT
 
 WORKER_SCRIPT = PROJECT_ROOT / "docker" / "upsampler" / "worker.py"
 
 log = logging.getLogger(__name__)
-
-
-class WorkerFailed(RuntimeError):
-    """The worker stopped before finishing; the ledger keeps what it finished, so a retry resumes."""
-
-
-class PlanNotTheEngines(NotRetryable):
-    """The engine counts prompts differently from the plan: a retry would be refused again (fix the tokenizer)."""
 
 
 def local_worker_command(job_dir: Path, python: str = "") -> list[str]:
