@@ -265,11 +265,11 @@ def report(run_dir: str | Path, run_id: str, dag_id: str, started_at: str,
     content = build_report(run_id=run_id, dag_id=dag_id, started_at=started_at, finished_at=finished_at,
                            settings=settings, items=items, stages=stage_seconds(run))
     json_path, html_path = write_report(OutputLayout.at(settings.output_dir), content)
-    location = {"report_json": str(json_path), "report_html": str(html_path), "counts": content["counts"]}
+    counts = content.counts.as_dict()
+    location = {"report_json": str(json_path), "report_html": str(html_path), "counts": counts}
     publish(location)
-    log.info("report: %s (%s); counts %s", json_path, html_path, content["counts"])
-    if failure_exceeded(content["counts"], settings.max_failure_ratio):
-        counts = content["counts"]
+    log.info("report: %s (%s); counts %s", json_path, html_path, counts)
+    if failure_exceeded(counts, settings.max_failure_ratio):
         raise TooManyFailures(
             f"{counts['failed']} of {counts['discovered']} specs failed, more than max_failure_ratio="
             f"{settings.max_failure_ratio}; see {html_path}"
