@@ -58,6 +58,8 @@ DEFAULT_ARGS = {
     doc_md=__doc__,
 )
 def cosmos_prompt_upsample():
+    # Returns the chunk files (validate maps over them) and publishes the run folder as its second output:
+    # Airflow maps only over a return value, never over one key of `multiple_outputs`.
     @task
     def discover(params=None, run_id=None, ti=None):
         import os
@@ -71,22 +73,22 @@ def cosmos_prompt_upsample():
         return chunks
 
     @task(map_index_template="{{ chunk_label }}")
-    def validate(chunk: str):
+    def validate(run_dir: str, chunk: str):
         from airflow.sdk import get_current_context
 
         from include.cosmos_upsample import stages
 
         get_current_context()["chunk_label"] = chunk.rsplit("/", 1)[-1]
-        return stages.validate_chunk(chunk)
+        return stages.validate_chunk(run_dir, chunk)
 
     @task
-    def batch(validated: list[str]):
+    def batch(run_dir: str, validated: list[str]):
         from include.cosmos_upsample import stages
 
-        return stages.batch(list(validated))
+        return stages.batch(run_dir, list(validated))
 
     @task(map_index_template="{{ job_label }}", pool=GPU_POOL)
-    def upsample(job: dict, ti=None):
+    def upsample(run_dir: str, job: dict, ti=None):
         from airflow.sdk import get_current_context
         from airflow.sdk.exceptions import AirflowFailException
 
@@ -96,7 +98,7 @@ def cosmos_prompt_upsample():
         context = get_current_context()
         context["job_label"] = f"job {job['job_key'] or '-'} ({job['items']} prompts) on {job['conn_id'] or 'local'}"
         try:
-            return stages.upsample(job, ti.map_index, context)
+            return stages.upsample(run_dir, job, ti.map_index, context)
         except NotRetryable as exc:
             raise AirflowFailException(str(exc)) from exc
 
@@ -121,10 +123,10 @@ def cosmos_prompt_upsample():
             raise AirflowFailException(str(exc)) from exc
 
     chunks = discover()
-    run_dir = chunks[RUN_DIR_XCOM_KEY]
-    jobs = batch(validate.expand(chunk=chunks))
+    run_dir = chunks[RUN_DIR_XCOM_KEY]  # discover's second output; every later stage is handed it
+    jobs = batch(run_dir, validate.partial(run_dir=run_dir).expand(chunk=chunks))
     merged = merge_metadata(run_dir)
-    upsample.expand(job=jobs) >> merged
+    upsample.partial(run_dir=run_dir).expand(job=jobs) >> merged
     report(run_dir, merged)
 
 

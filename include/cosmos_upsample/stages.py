@@ -1,7 +1,8 @@
 """The six stages of the DAG, one function each; the DAG's tasks are one call to these.
 
 Stages hand each other small dicts (settings, paths) through XCom; items travel as JSON files in the run folder
-(see layout.py), so XCom never carries frames, videos or thousands of records.
+(layout.RunFolder), so XCom never carries frames, videos or thousands of records. discover makes the run folder and
+every later stage is given its path (`run_dir`) by the DAG.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from include.cosmos_upsample.gpu_slots import all_slots, engine_for
 from include.cosmos_upsample.hints import inputs_identity
 from include.cosmos_upsample.items import Item, Tokens, failed_item, invalid_item, load_items, save_items
 from include.cosmos_upsample.jobformat import LAST_ERROR_NAME, MANIFEST_NAME, Job, JobItem
-from include.cosmos_upsample.layout import OutputLayout, read_json, write_json_atomic
+from include.cosmos_upsample.layout import OutputLayout, RunFolder, read_json, write_json_atomic
 from include.cosmos_upsample.settings import Settings, local_model_path, resolve_settings
 from include.cosmos_upsample.specs import (
     SpecError,
@@ -29,24 +30,18 @@ from include.cosmos_upsample.specs import (
 
 log = logging.getLogger(__name__)
 
-SETTINGS_NAME = "settings.json"
-PLAN_NAME = "plan.json"
-MERGED_NAME = "merged.json"
-DISCOVERED_NAME = "discovered.json"
-
 
 @contextmanager
-def timed_stage(run_dir: Path, stage: str, index: int | None = None):
+def timed_stage(run: RunFolder, stage: str, index: int | None = None):
     """Record a stage's seconds of work in the run folder; the report sums them per stage."""
     started = time.monotonic()
     yield
-    name = stage if index is None else f"{stage}-{index:04d}"
-    write_json_atomic(run_dir / "stages" / f"{name}.json", {"stage": stage, "seconds": time.monotonic() - started})
+    write_json_atomic(run.stage_record(stage, index), {"stage": stage, "seconds": time.monotonic() - started})
 
 
-def stage_seconds(run_dir: Path) -> dict[str, float]:
+def stage_seconds(run: RunFolder) -> dict[str, float]:
     totals: dict[str, float] = {}
-    for path in sorted((run_dir / "stages").glob("*.json")):
+    for path in run.stage_records():
         record = read_json(path)
         totals[record["stage"]] = totals.get(record["stage"], 0.0) + record["seconds"]
     return totals
@@ -100,14 +95,9 @@ def classify(sources: list[Path], settings: Settings, layout: OutputLayout) -> t
     return finals, pending
 
 
-def load_settings(run_dir: Path) -> Settings:
+def load_settings(run: RunFolder) -> Settings:
     """Settings are resolved once, by discover, and read back from the run folder by every later stage."""
-    return Settings.model_validate(read_json(run_dir / SETTINGS_NAME))
-
-
-def run_dir_of(chunk_path: str) -> Path:
-    """runs/<run_id>/chunks/chunk-0000.json (or validated/...) -> runs/<run_id>"""
-    return Path(chunk_path).parent.parent
+    return Settings.model_validate(read_json(run.settings))
 
 
 def discover(params: Mapping[str, Any], run_id: str, variable_get: Callable[[str], str | None],
@@ -122,31 +112,31 @@ def discover(params: Mapping[str, Any], run_id: str, variable_get: Callable[[str
             "cosmos_upsample_input_dir or COSMOS_UPSAMPLE_INPUT_DIR to the folder holding the *.json specs"
         )
     settings = settings.model_copy(update={"input_dir": str(input_dir), "output_dir": str(layout.root)})
-    run_dir = layout.run_dir(run_id)
-    with timed_stage(run_dir, "discover"):
-        write_json_atomic(run_dir / SETTINGS_NAME, settings.model_dump(mode="json"))
+    run = layout.run_folder(run_id)
+    with timed_stage(run, "discover"):
+        write_json_atomic(run.settings, settings.model_dump(mode="json"))
         sources = sorted(path for path in input_dir.glob(settings.spec_pattern) if path.is_file())
         finals, pending = classify(sources, settings, layout)
-        save_items(run_dir / DISCOVERED_NAME, finals)
+        save_items(run.discovered, finals)
         # Always one chunk at least, so the mapped validation (and what follows) runs even with nothing to do.
         chunks = chunk_evenly(pending, VALIDATE_CHUNK_SIZE) or [[]]
         chunk_paths = []
         for index, chunk in enumerate(chunks):
-            path = run_dir / "chunks" / f"chunk-{index:04d}.json"
+            path = run.chunk(index)
             write_json_atomic(path, chunk)
             chunk_paths.append(str(path))
     log.info("discovered %d spec files in %s: %d cached or duplicate, %d to validate in %d chunks",
              len(sources), input_dir, len(finals), len(pending), len(chunk_paths))
-    return run_dir, chunk_paths
+    return run.path, chunk_paths
 
 
-def validate_chunk(chunk_path: str) -> str:
+def validate_chunk(run_dir: str | Path, chunk_path: str) -> str:
     from include.cosmos_upsample.validate import validate_entries
 
-    chunk, run_dir = Path(chunk_path), run_dir_of(chunk_path)
-    settings = load_settings(run_dir)
-    out = run_dir / "validated" / chunk.name
-    with timed_stage(run_dir, "validate", int(chunk.stem.split("-")[-1])):
+    run, chunk = RunFolder.at(run_dir), Path(chunk_path)
+    settings = load_settings(run)
+    out = run.validated(chunk)
+    with timed_stage(run, "validate", RunFolder.chunk_index(chunk)):
         items = validate_entries(read_json(chunk), settings, OutputLayout.at(settings.output_dir))
         save_items(out, items)
     invalid = sum(item.status == "invalid" for item in items)
@@ -154,31 +144,34 @@ def validate_chunk(chunk_path: str) -> str:
     return str(out)
 
 
-def _all_items(run_dir: Path) -> list[Item]:
-    items = load_items(run_dir / DISCOVERED_NAME)
-    for path in sorted((run_dir / "validated").glob("*.json")):
+def _all_items(run: RunFolder) -> list[Item]:
+    items = load_items(run.discovered)
+    for path in run.validated_files():
         items.extend(load_items(path))
-    items.extend(_unvalidated(run_dir))
+    items.extend(_unvalidated(run))
     return sorted(items, key=lambda item: item.source_path)
 
 
-def _unvalidated(run_dir: Path) -> list[Item]:
+def _unvalidated(run: RunFolder) -> list[Item]:
     """The specs of a chunk whose validate task failed for good: reported as failed, never silently dropped."""
-    budget, missing = load_settings(run_dir).token_budget, []
-    for chunk in sorted((run_dir / "chunks").glob("*.json")):
-        if not (run_dir / "validated" / chunk.name).exists():
+    budget, missing = load_settings(run).token_budget, []
+    for chunk in run.chunks():
+        if not run.validated(chunk).exists():
             missing.extend(failed_item(Path(entry["source_path"]), (
                 f"{Path(entry['source_path']).name}: its validation ({chunk.stem}) did not finish; see that "
                 "validate task's log, then re-run"), budget) for entry in read_json(chunk))
     return missing
 
 
-def batch(validated: list[str]) -> list[dict[str, Any]]:
-    """Write one manifest per model job; returns the jobs to map over (at least one, maybe empty)."""
+def batch(run_dir: str | Path, validated: list[str]) -> list[dict[str, Any]]:
+    """Write one manifest per model job; returns the jobs to map over (at least one, maybe empty).
+
+    `validated` (the validate tasks' outputs) is what makes batch wait for them; the items are read from `run_dir`.
+    """
     from include.cosmos_upsample.merge import earlier_answers, point_to_job
     from include.cosmos_upsample.tokens import planner_tokenizer
 
-    run = run_dir_of(validated[0])
+    run = RunFolder.at(run_dir)
     settings = load_settings(run)
     layout = OutputLayout.at(settings.output_dir)
     with timed_stage(run, "batch"):
@@ -205,11 +198,11 @@ def batch(validated: list[str]) -> list[dict[str, Any]]:
                 write_json_atomic(job_dir / MANIFEST_NAME, job.to_manifest())
                 point_to_job(layout, plan.job_key, plan.item_keys)
             jobs.append({"job_key": plan.job_key, "job_dir": str(job_dir), "conn_id": plan.conn_id,
-                         "slot": plan.slot, "items": len(plan.item_keys), "run_dir": str(run)})
-        write_json_atomic(run / PLAN_NAME, {"jobs": jobs, "answered": answered})
+                         "slot": plan.slot, "items": len(plan.item_keys)})
+        write_json_atomic(run.plan, {"jobs": jobs, "answered": answered})
     log.info("%d valid items (%d answered by earlier jobs) in %d job(s) of at most %d", len(valid), len(answered),
              len(jobs), settings.batch_max_items)
-    return jobs or [{"job_key": None, "job_dir": None, "conn_id": None, "items": 0, "run_dir": str(run)}]
+    return jobs or [{"job_key": None, "job_dir": None, "conn_id": None, "items": 0}]
 
 
 def _gpu_hosts_and_live_jobs(settings: Settings, layout: OutputLayout, valid: Mapping[str, Item]):
@@ -228,14 +221,14 @@ def _worker_model(settings: Settings) -> str:
     return settings.model_id
 
 
-def upsample(job: dict[str, Any], map_index: int, context: Mapping[str, Any]) -> dict[str, Any]:
-    run_dir = Path(job["run_dir"])
-    settings = load_settings(run_dir)
+def upsample(run_dir: str | Path, job: dict[str, Any], map_index: int, context: Mapping[str, Any]) -> dict[str, Any]:
+    run = RunFolder.at(run_dir)
+    settings = load_settings(run)
     if settings.dry_run or not job["job_key"]:
         log.info("nothing to send to a model (%s)", "dry run" if settings.dry_run else "no valid items")
         return {"job_key": job["job_key"], "ran": False}
     job_dir = Path(job["job_dir"])
-    with timed_stage(run_dir, "upsample", map_index):
+    with timed_stage(run, "upsample", map_index):
         try:
             if settings.runner == "local":
                 from include.cosmos_upsample.runners import run_local_job
@@ -253,44 +246,44 @@ def upsample(job: dict[str, Any], map_index: int, context: Mapping[str, Any]) ->
     return {"job_key": job["job_key"], "ran": True}
 
 
-def merge(run_dir: str, run_id: str) -> str:
+def merge(run_dir: str | Path, run_id: str) -> str:
     from include.cosmos_upsample.merge import merge_items
 
-    run = Path(run_dir)
+    run = RunFolder.at(run_dir)
     settings = load_settings(run)
     layout = OutputLayout.at(settings.output_dir)
     with timed_stage(run, "merge"):
-        plan = read_json(run / PLAN_NAME) if (run / PLAN_NAME).exists() else {"jobs": []}
+        plan = read_json(run.plan) if run.plan.exists() else {"jobs": []}
         job_dirs = {key: Path(job_dir) for key, job_dir in plan.get("answered", {}).items()}
         for job in plan["jobs"]:
             job_dir = Path(job["job_dir"])
             if (job_dir / MANIFEST_NAME).exists():
                 job_dirs.update({item.key: job_dir for item in Job.read(job_dir).items})
         items = merge_items(_all_items(run), job_dirs, layout, settings, run_id)
-        save_items(run / MERGED_NAME, items)
-    return str(run / MERGED_NAME)
+        save_items(run.merged, items)
+    return str(run.merged)
 
 
-def report(run_dir: str, run_id: str, dag_id: str, started_at: str,
+def report(run_dir: str | Path, run_id: str, dag_id: str, started_at: str,
            publish: Callable[[dict], None] = lambda _location: None) -> dict[str, Any]:
     """Write the report; `publish` records where it is (the UI finds it there) even when the run then fails."""
     import datetime as dt
 
     from include.cosmos_upsample.report import TooManyFailures, build_report, failure_exceeded, write_report
 
-    run = Path(run_dir)
+    run = RunFolder.at(run_dir)
     settings = load_settings(run)
     with timed_stage(run, "report"):
-        items = load_items(run / MERGED_NAME)
+        items = load_items(run.merged)
     finished_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     content = build_report(run_id=run_id, dag_id=dag_id, started_at=started_at, finished_at=finished_at,
                            settings=settings, items=items, stages=stage_seconds(run))
     json_path, html_path = write_report(OutputLayout.at(settings.output_dir), content)
-    location = {"report_json": str(json_path), "report_html": str(html_path), "counts": content["counts"]}
+    counts = content.counts.as_dict()
+    location = {"report_json": str(json_path), "report_html": str(html_path), "counts": counts}
     publish(location)
-    log.info("report: %s (%s); counts %s", json_path, html_path, content["counts"])
-    if failure_exceeded(content["counts"], settings.max_failure_ratio):
-        counts = content["counts"]
+    log.info("report: %s (%s); counts %s", json_path, html_path, counts)
+    if failure_exceeded(counts, settings.max_failure_ratio):
         raise TooManyFailures(
             f"{counts['failed']} of {counts['discovered']} specs failed, more than max_failure_ratio="
             f"{settings.max_failure_ratio}; see {html_path}"

@@ -26,6 +26,8 @@ from upsample_reports.reports import (
     run_dir_path,
 )
 
+from include.cosmos_upsample.report_model import ReportItem
+
 RUN_ID = "manual__2026-11-28T10:00:00+00:00"
 PREFIX = "/upsample-reports"
 DESIGN_KEYS = {"run_id", "dag_id", "started_at", "finished_at", "params", "counts", "items", "stages"}
@@ -297,7 +299,7 @@ class TestCharts:
             {"spec_id": "b", "status": "invalid", "tokens": {"prompt": 300, "budget": 100}},
             {"spec_id": "c", "status": "invalid", "tokens": {"prompt": None, "budget": 100}},
         ]
-        chart = charts.token_chart(items)
+        chart = charts.token_chart([ReportItem.model_validate({"source_path": "", **item}) for item in items])
         full = chart.height - chart.budget_y
         assert chart.bars[0].height == pytest.approx(full / 2, abs=0.01)
         assert chart.bars[1].height == pytest.approx(full * charts.TOKEN_CHART_CEILING, abs=0.01)  # clipped
