@@ -112,6 +112,12 @@ class RunReport(BaseModel):
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_unset=True)
 
+    @classmethod
+    def from_text(cls, text: str | bytes) -> RunReport:
+        """Through json.loads, not pydantic's JSON parser: a spec file name that is not UTF-8 is written as a lone
+        surrogate escape (\\udcXX), which pydantic's parser refuses."""
+        return cls.model_validate(json.loads(text))
+
 
 def json_schema() -> dict[str, Any]:
     return RunReport.model_json_schema(mode="serialization")

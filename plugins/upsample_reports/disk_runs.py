@@ -40,7 +40,7 @@ class _ReportCache:
             cached = self._entries.get(path)
             if cached and cached[0] == stamp:
                 return cached[1]
-        report = RunReport.model_validate_json(path.read_bytes())
+        report = RunReport.from_text(path.read_bytes())
         with self._lock:
             if len(self._entries) >= self._max_entries:
                 self._entries.pop(next(iter(self._entries)))
