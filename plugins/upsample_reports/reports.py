@@ -66,7 +66,8 @@ class _JsonCache:
         stat = path.stat()
         if stat.st_size > MAX_REPORT_BYTES:
             raise ValueError(f"{path} is larger than {MAX_REPORT_BYTES} bytes")
-        stamp = (stat.st_mtime_ns, stat.st_size)
+        # Object storage (ObjectStoragePath.stat) has no st_mtime_ns; its st_mtime is the object's LastModified.
+        stamp = (getattr(stat, "st_mtime_ns", None) or int(stat.st_mtime * 1e9), stat.st_size)
         with self._lock:
             cached = self._entries.get(path)
             if cached and cached[0] == stamp:
@@ -90,9 +91,24 @@ def _local_path(value: Any) -> Path | None:
     return path if path.is_absolute() else None
 
 
+def _object_path(value: Any) -> Any:
+    """An object-storage location as the DAG records it (`s3://conn_id@bucket/key`, see include/.../storage.py),
+    read through Airflow's ObjectStoragePath with that connection; None for anything else."""
+    if not isinstance(value, str) or "://" not in value or value.startswith("file://") or "\x00" in value:
+        return None
+    from include.cosmos_upsample.storage import path_from
+
+    try:
+        return path_from(value)
+    except Exception as exc:  # an unknown scheme or a provider that is not installed
+        log.warning("Cannot open %r: %s", value, exc)
+        return None
+
+
 def report_file(value: Any) -> Path | None:
-    """`<output_dir>/reports/<name>.json`, the only shape of report path the plugin will read."""
-    path = _local_path(value)
+    """`<output_dir>/reports/<name>.json`, the only shape of report path the plugin will read (local or object
+    storage)."""
+    path = _local_path(value) or _object_path(value)
     if path is None or path.suffix != ".json" or path.parent.name != "reports":
         return None
     return path
@@ -118,13 +134,17 @@ def output_dir_of(report_path: Path) -> Path:
 def item_output_file(report: dict[str, Any], report_path: Path, spec_id: str) -> Path | None:
     """The output spec the report names for `spec_id`, if it is a JSON file inside the report's output dir."""
     root = output_dir_of(report_path).resolve()
+    remote = "://" in str(report_path)
     for item in report.get("items") or []:
         if not isinstance(item, dict) or item.get("spec_id") != spec_id:
             continue
-        path = _local_path(item.get("output_path"))
+        path = _object_path(item.get("output_path")) if remote else _local_path(item.get("output_path"))
         if path is None or path.suffix != ".json":
             return None
         resolved = path.resolve()
+        if remote and (type(resolved) is not type(root) or resolved.protocol != root.protocol
+                       or getattr(resolved, "conn_id", None) != getattr(root, "conn_id", None)):
+            return None
         if not resolved.is_relative_to(root) or not resolved.is_file():
             return None
         if resolved.stat().st_size > MAX_SPEC_BYTES:
