@@ -106,6 +106,7 @@ def list_specs(root: Any, pattern: str) -> list[Any]:
     """The spec files under `root` matching `pattern`, sorted; on object storage one listing, no request per file."""
     if not is_remote(root):
         return sorted(path for path in root.glob(pattern) if path.is_file())
+    root.fs.invalidate_cache(root.path)  # fsspec keeps listings per process; a long-lived one must see new specs
     found = root.fs.glob(f"{root.path.rstrip('/')}/{pattern}", detail=True)
     prefix = root.path.rstrip("/") + "/"
     keys = sorted(key for key, info in found.items() if info.get("type") == "file" and key.startswith(prefix))

@@ -63,6 +63,8 @@ class _JsonCache:
         self._max_entries = max_entries
 
     def load(self, path: Path) -> Any:
+        if "://" in str(path):  # fsspec caches listings per process: the api-server must see a rewritten report
+            path.fs.invalidate_cache(path.path)
         stat = path.stat()
         if stat.st_size > MAX_REPORT_BYTES:
             raise ValueError(f"{path} is larger than {MAX_REPORT_BYTES} bytes")
@@ -394,6 +396,8 @@ class DirectoryRuns:
         seen: set[Path] = set()
         for output_dir in [*self._output_dirs(), *extra_dirs]:
             reports_dir = output_dir / "reports"
+            if "://" in str(reports_dir):  # object storage: list afresh, not from fsspec's per-process cache
+                reports_dir.fs.invalidate_cache(reports_dir.path)
             if reports_dir in seen or not reports_dir.is_dir():
                 continue
             seen.add(reports_dir)

@@ -15,8 +15,8 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +37,8 @@ class MotoServer:
     def requests(self) -> list[tuple[str, str]]:
         """(method, path) of every request the server logged so far."""
         text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        return re.findall(r'"(GET|PUT|POST|HEAD|DELETE) (\S+) HTTP/[\d.]+"', text)
+        # werkzeug colours some lines (e.g. 206 range reads) with ANSI codes inside the quotes.
+        return re.findall(r'"(?:\x1b\[[\d;]*m)*(GET|PUT|POST|HEAD|DELETE) (\S+) HTTP/[\d.]+', text)
 
     def gets_of(self, suffix: str) -> int:
         return sum(1 for method, path in self.requests() if method == "GET" and path.split("?")[0].endswith(suffix))
