@@ -110,15 +110,19 @@ def cosmos_prompt_upsample():
         return stages.merge(run_dir, run_id)
 
     @task(outlets=[UPSAMPLED_PROMPTS])
-    def report(run_dir: str, merged: str, run_id=None, dag_run=None, ti=None):
+    def report(run_dir: str, merged: str, run_id=None, dag_run=None, ti=None, outlet_events=None):
         from airflow.sdk.exceptions import AirflowFailException
 
         from include.cosmos_upsample import stages
         from include.cosmos_upsample.errors import NotRetryable
 
+        def publish(location: dict) -> None:
+            ti.xcom_push(key=REPORT_XCOM_KEY, value=location)
+            # The asset's URI is static; its event names where this run's results are (output_dir may be s3://).
+            outlet_events[UPSAMPLED_PROMPTS].extra = {key: location[key] for key in stages.ASSET_EXTRA_KEYS}
+
         try:
-            return stages.report(run_dir, run_id, DAG_ID, dag_run.start_date.isoformat(),
-                                 publish=lambda location: ti.xcom_push(key=REPORT_XCOM_KEY, value=location))
+            return stages.report(run_dir, run_id, DAG_ID, dag_run.start_date.isoformat(), publish=publish)
         except NotRetryable as exc:  # too many failed specs: the report is written, a retry cannot change it
             raise AirflowFailException(str(exc)) from exc
 

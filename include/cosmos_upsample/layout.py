@@ -90,6 +90,7 @@ class RunFolder:
         plan.json               the model jobs batch planned, and the items earlier jobs already answered
         merged.json             every item after merge: what the report shows
         stages/<stage>.json     seconds of work per stage (and per mapped index)
+        video_cache/chunk-NNNN.json  video cache hits and downloads of a validate task (object-storage input)
     """
 
     path: Path
@@ -149,6 +150,9 @@ class RunFolder:
 
     def stage_records(self) -> list[Path]:
         return sorted(self.stages_dir.glob("*.json"))
+
+    def video_cache_stats(self, chunk: Path) -> Path:
+        return self.path / "video_cache" / chunk.name
 
 
 def json_text(data: Any) -> str:

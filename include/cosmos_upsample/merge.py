@@ -9,9 +9,10 @@ from typing import Any
 
 from include.cosmos_upsample.items import Item
 from include.cosmos_upsample.jobformat import LAST_ERROR_NAME, Ledger, worker_holds
-from include.cosmos_upsample.layout import OutputLayout, write_json_atomic
+from include.cosmos_upsample.layout import OutputLayout
 from include.cosmos_upsample.settings import Settings
 from include.cosmos_upsample.specs import SpecError, load_spec, upsampled_spec
+from include.cosmos_upsample.storage import path_from, write_json
 
 
 def ledger_results(job_dirs: list[Path]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
@@ -85,8 +86,8 @@ def merge_item(item: Item, entry: dict[str, Any] | None, job_error: str | None, 
         return item.model_copy(update={"status": "failed", "reason": reason, "tokens": tokens})
     output = layout.spec_path(item.spec_id)
     try:
-        spec = load_spec(Path(item.source_path))
-        write_json_atomic(output, upsampled_spec(spec, entry["text"], provenance(item, entry, settings, run_id)))
+        spec = load_spec(path_from(item.source_path))
+        write_json(output, upsampled_spec(spec, entry["text"], provenance(item, entry, settings, run_id)))
     except (OSError, SpecError) as exc:
         reason = (f"{Path(item.source_path).name}: could not write {output} ({exc}); free space or fix permissions "
                   "there, then re-run: the model's answer is kept and not paid again")

@@ -70,6 +70,12 @@ def render_html(report: RunReport) -> str:
 
 def write_report(layout: OutputLayout, report: RunReport) -> tuple[Path, Path]:
     json_path, html_path = layout.report_paths(report.run_id)
+    if "://" in str(json_path):  # object storage: each file in one transaction, nothing partial under its name
+        from include.cosmos_upsample.storage import write_json, write_text_atomic
+
+        write_json(json_path, report.to_json())
+        write_text_atomic(html_path, render_html(report))
+        return json_path, html_path
     write_json_atomic(json_path, report.to_json())
     html_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = html_path.with_name(f".{html_path.name}.tmp")

@@ -92,6 +92,12 @@ class Settings(BaseModel):
                              description="Where specs/, reports/, hints/, jobs/ and runs/ go.")
     spec_pattern: str = _field("*.json", title="Spec files", section=DATA, pattern=r"^[^/]",
                                description="Glob of spec files under the input folder; **/*.json for sub-folders.")
+    storage_conn_id: str = _field("", title="Storage connection", section=DATA,
+                                  description="Airflow connection for object-storage URLs in the input and output "
+                                              "folders (s3://bucket/prefix); empty: aws_default for s3://.")
+    work_dir: str = _field("", title="Work folder", section=DATA,
+                           description="Shared POSIX scratch with working flock: hint frames, job ledgers, locks, "
+                                       "run plans and the video cache. Empty: the output folder when it is local.")
     runner: Literal["local", "docker"] = _field(
         "local", title="Runner", section=COMPUTE,
         description="local: the worker runs beside the task. docker: the worker image on GPU hosts over SSH.")
@@ -159,6 +165,9 @@ class Settings(BaseModel):
                                         description="Seconds between copies of a running GPU job's ledger.")
     worker_python: str = _field("", title="Local worker interpreter", section=None,
                                 description="Python that runs the worker for runner local; empty: Airflow's.")
+    video_cache_gb: float = _field(20.0, title="Video cache size (GB)", section=None, ge=0.0,
+                                   description="Cap of work_dir/cache/videos, the videos fetched from object storage; "
+                                               "least recently used ones are evicted above it.")
 
     @field_validator("hint_resolution")
     @classmethod
@@ -174,7 +183,7 @@ class Settings(BaseModel):
             raise ValueError(f"spec_pattern {value!r} may not contain '..': spec files must be inside input_dir")
         return value
 
-    @field_validator("model", "tokenizer", "worker_python", "quantization")
+    @field_validator("model", "tokenizer", "worker_python", "quantization", "storage_conn_id", "work_dir")
     @classmethod
     def _strip(cls, value: str) -> str:
         return value.strip()

@@ -27,8 +27,12 @@ from include.cosmos_upsample.specs import (
     content_key,
     load_spec,
 )
+from include.cosmos_upsample.storage import list_specs, output_layout, path_from, root_of, work_dir_for
 
 log = logging.getLogger(__name__)
+
+# What the report task's Asset event carries: a downstream DAG reads the specs from `specs_dir`.
+ASSET_EXTRA_KEYS = ("output_dir", "specs_dir", "storage_conn_id", "report_json", "counts")
 
 
 @contextmanager
@@ -65,7 +69,7 @@ def _cached_item(source: Path, spec_id: str, key: str, layout: OutputLayout, bud
 
 def classify(sources: list[Path], settings: Settings, layout: OutputLayout) -> tuple[list[Item], list[dict]]:
     """Split discovered files into final items (cached, duplicate ids) and entries still to validate."""
-    input_dir, budget = Path(settings.input_dir), settings.token_budget
+    input_dir, budget = path_from(settings.input_dir), settings.token_budget
     finals: list[Item] = []
     pending: list[dict] = []
     owners: dict[str, Path] = {}
@@ -104,19 +108,21 @@ def discover(params: Mapping[str, Any], run_id: str, variable_get: Callable[[str
              environ: Mapping[str, str]) -> tuple[Path, list[str]]:
     """Resolve the settings, list the specs, set cached ones aside; returns the run folder and the chunk files."""
     settings = resolve_settings(params, variable_get, environ)
-    layout = OutputLayout.at(settings.output_dir)
-    input_dir = Path(settings.input_dir).expanduser().resolve()
+    input_dir = root_of(settings.input_dir, settings.storage_conn_id)
+    output_dir = root_of(settings.output_dir, settings.storage_conn_id)
+    layout = OutputLayout.at(work_dir_for(settings.work_dir, str(output_dir)))  # scratch: runs/, hints/, jobs/
     if not input_dir.is_dir():
         raise FileNotFoundError(
             f"input_dir {str(input_dir)!r} is not a folder; set the input_dir Param, the Airflow Variable "
             "cosmos_upsample_input_dir or COSMOS_UPSAMPLE_INPUT_DIR to the folder holding the *.json specs"
         )
-    settings = settings.model_copy(update={"input_dir": str(input_dir), "output_dir": str(layout.root)})
+    settings = settings.model_copy(update={"input_dir": str(input_dir), "output_dir": str(output_dir),
+                                           "work_dir": str(layout.root)})
     run = layout.run_folder(run_id)
     with timed_stage(run, "discover"):
         write_json_atomic(run.settings, settings.model_dump(mode="json"))
-        sources = sorted(path for path in input_dir.glob(settings.spec_pattern) if path.is_file())
-        finals, pending = classify(sources, settings, layout)
+        sources = list_specs(input_dir, settings.spec_pattern)
+        finals, pending = classify(sources, settings, output_layout(settings.output_dir))
         save_items(run.discovered, finals)
         # Always one chunk at least, so the mapped validation (and what follows) runs even with nothing to do.
         chunks = chunk_evenly(pending, VALIDATE_CHUNK_SIZE) or [[]]
@@ -130,15 +136,30 @@ def discover(params: Mapping[str, Any], run_id: str, variable_get: Callable[[str
     return run.path, chunk_paths
 
 
+def output_location(settings: Settings) -> dict[str, str]:
+    """Where the run's results are, for the Asset event and the UI: plain URLs plus the connection to read them."""
+    from include.cosmos_upsample.storage import clean_url
+
+    root = path_from(settings.output_dir)
+    return {"output_dir": clean_url(root), "specs_dir": clean_url(output_layout(settings.output_dir).specs_dir),
+            "storage_conn_id": getattr(root, "conn_id", None) or ""}
+
+
 def validate_chunk(run_dir: str | Path, chunk_path: str) -> str:
+    from include.cosmos_upsample.storage import is_url, video_cache
     from include.cosmos_upsample.validate import validate_entries
 
     run, chunk = RunFolder.at(run_dir), Path(chunk_path)
     settings = load_settings(run)
     out = run.validated(chunk)
+    # Videos in object storage are fetched once into work_dir's cache; its hits and downloads are kept per chunk.
+    videos = video_cache(settings.work_dir, settings.video_cache_gb) if is_url(settings.input_dir) else None
     with timed_stage(run, "validate", RunFolder.chunk_index(chunk)):
-        items = validate_entries(read_json(chunk), settings, OutputLayout.at(settings.output_dir))
+        items = validate_entries(read_json(chunk), settings, OutputLayout.at(settings.work_dir), videos=videos)
         save_items(out, items)
+    if videos is not None:
+        write_json_atomic(run.video_cache_stats(chunk), videos.stats.as_dict())
+        log.info("%s: video cache %s", chunk.name, videos.stats.as_dict())
     invalid = sum(item.status == "invalid" for item in items)
     log.info("%s: %d valid, %d invalid", chunk.name, len(items) - invalid, invalid)
     return str(out)
@@ -157,7 +178,7 @@ def _unvalidated(run: RunFolder) -> list[Item]:
     budget, missing = load_settings(run).token_budget, []
     for chunk in run.chunks():
         if not run.validated(chunk).exists():
-            missing.extend(failed_item(Path(entry["source_path"]), (
+            missing.extend(failed_item(path_from(entry["source_path"]), (
                 f"{Path(entry['source_path']).name}: its validation ({chunk.stem}) did not finish; see that "
                 "validate task's log, then re-run"), budget) for entry in read_json(chunk))
     return missing
@@ -173,7 +194,7 @@ def batch(run_dir: str | Path, validated: list[str]) -> list[dict[str, Any]]:
 
     run = RunFolder.at(run_dir)
     settings = load_settings(run)
-    layout = OutputLayout.at(settings.output_dir)
+    layout = OutputLayout.at(settings.work_dir)
     with timed_stage(run, "batch"):
         valid = {item.key: item for item in _all_items(run) if item.status == "valid"}
         answered = {} if settings.dry_run else earlier_answers(layout, valid)
@@ -251,7 +272,6 @@ def merge(run_dir: str | Path, run_id: str) -> str:
 
     run = RunFolder.at(run_dir)
     settings = load_settings(run)
-    layout = OutputLayout.at(settings.output_dir)
     with timed_stage(run, "merge"):
         plan = read_json(run.plan) if run.plan.exists() else {"jobs": []}
         job_dirs = {key: Path(job_dir) for key, job_dir in plan.get("answered", {}).items()}
@@ -259,7 +279,7 @@ def merge(run_dir: str | Path, run_id: str) -> str:
             job_dir = Path(job["job_dir"])
             if (job_dir / MANIFEST_NAME).exists():
                 job_dirs.update({item.key: job_dir for item in Job.read(job_dir).items})
-        items = merge_items(_all_items(run), job_dirs, layout, settings, run_id)
+        items = merge_items(_all_items(run), job_dirs, output_layout(settings.output_dir), settings, run_id)
         save_items(run.merged, items)
     return str(run.merged)
 
@@ -278,9 +298,10 @@ def report(run_dir: str | Path, run_id: str, dag_id: str, started_at: str,
     finished_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     content = build_report(run_id=run_id, dag_id=dag_id, started_at=started_at, finished_at=finished_at,
                            settings=settings, items=items, stages=stage_seconds(run))
-    json_path, html_path = write_report(OutputLayout.at(settings.output_dir), content)
+    json_path, html_path = write_report(output_layout(settings.output_dir), content)
     counts = content.counts.as_dict()
-    location = {"report_json": str(json_path), "report_html": str(html_path), "counts": counts}
+    location = {"report_json": str(json_path), "report_html": str(html_path), "counts": counts,
+                **output_location(settings)}
     publish(location)
     log.info("report: %s (%s); counts %s", json_path, html_path, counts)
     if failure_exceeded(counts, settings.max_failure_ratio):

@@ -20,6 +20,7 @@ from include.cosmos_upsample.items import Hint, Item, Tokens, failed_item, inval
 from include.cosmos_upsample.layout import OutputLayout
 from include.cosmos_upsample.settings import Settings, local_model_path, parse_resolution
 from include.cosmos_upsample.specs import PromptSpec, SpecError, check_spec_file, file_identity, load_spec
+from include.cosmos_upsample.storage import VideoCache, local_file, path_from
 from include.cosmos_upsample.tokens import (
     PixtralCounter,
     PromptTooLong,
@@ -55,45 +56,48 @@ def make_counters(settings: Settings) -> Counters:
 @dataclass(frozen=True)
 class HintVideo:
     source: HintSource
-    path: Path
+    path: Path  # as named: a local file or an object in storage (its identity keys the hint cache)
     info: VideoInfo
     label: str  # names the spec and the video in reasons
+    local: Path | None = None  # the file ffmpeg reads: `path` itself, or the object's copy in the video cache
 
 
-def _hint_video(spec: PromptSpec, source: Path, settings: Settings) -> HintVideo:
+def _hint_video(spec: PromptSpec, source: Path, settings: Settings, videos: VideoCache | None = None) -> HintVideo:
     """The video the hint frames come from (hint_source), found under input_dir's rules and probed."""
     choice = choose_source(spec, settings.hint_source, source.name)
-    video = resolve_source(choice, spec, source, Path(settings.input_dir))
+    video = resolve_source(choice, spec, source, path_from(settings.input_dir))
     if choice.path is None:
         label = f"{source.name}: video {spec.input_video_path!r}"
         label += f" (deriving the {choice.derive} hint)" if choice.derive else ""
     else:
         label = f"{source.name}: {choice.field} video {choice.path!r}"
-    info = probe(video, label)
+    local = local_file(video, videos)
+    info = probe(local, label)
     if info.frame_count is not None and info.frame_count < settings.num_frames:
         raise VideoError(
             f"{label} has {info.frame_count} frame(s), fewer than num_frames={settings.num_frames}; "
             "use a longer clip or lower num_frames"
         )
-    return HintVideo(choice, video, info, label)
+    return HintVideo(choice, video, info, label, local)
 
 
 def _write_hint(hint: HintVideo, times: list[float], size: tuple[int, int], settings: Settings,
                 layout: OutputLayout) -> list[str]:
     sampling = settings.frames_from
     key = hint_key(file_identity(hint.path), size[0], size[1], times, sampling, hint.source.name, hint.source.derive)
-    frames = cached_hint(layout.hint_dir(key), hint.path, times, size[0], size[1], hint.label,
+    frames = cached_hint(layout.hint_dir(key), hint.local or hint.path, times, size[0], size[1], hint.label,
                          first=sampling == "first", derive=hint.source.derive,
                          source_size=(hint.info.width, hint.info.height))
     return [str(path) for path in frames]
 
 
-def validate_spec(source: Path, key: str, settings: Settings, counters: Counters, layout: OutputLayout) -> Item:
+def validate_spec(source: Path, key: str, settings: Settings, counters: Counters, layout: OutputLayout,
+                  videos: VideoCache | None = None) -> Item:
     budget = settings.token_budget
     try:
-        check_spec_file(source, Path(settings.input_dir))
+        check_spec_file(source, path_from(settings.input_dir))
         spec = load_spec(source)
-        hint = _hint_video(spec, source, settings)
+        hint = _hint_video(spec, source, settings, videos)
         text = settings.format.user_text(spec.prompt)
         size = _hint_size(settings, counters, text, hint.info.width, hint.info.height, source.name)
         frames = settings.num_frames
@@ -134,17 +138,19 @@ def _hint_size(settings: Settings, counters: Counters, text: str, width: int, he
     return size.width, size.height
 
 
-def validate_entries(entries: list[dict], settings: Settings, layout: OutputLayout) -> list[Item]:
-    """Validate a chunk with one ffmpeg process per core at a time; results keep the chunk's order."""
+def validate_entries(entries: list[dict], settings: Settings, layout: OutputLayout,
+                     videos: VideoCache | None = None) -> list[Item]:
+    """Validate a chunk with one ffmpeg process per core at a time; results keep the chunk's order. `videos`: the
+    work_dir cache that object-storage videos are fetched into."""
     counters = make_counters(settings)
     started, total = time.monotonic(), len(entries)
     done = 0
 
     def one(entry: dict) -> Item:
         nonlocal done
-        source = Path(entry["source_path"])
+        source = path_from(entry["source_path"])
         try:
-            item = validate_spec(source, entry["key"], settings, counters, layout)
+            item = validate_spec(source, entry["key"], settings, counters, layout, videos)
         except Exception as exc:  # an input nobody foresaw must not take the chunk's other specs down with it
             log.exception("validating %s crashed", source)
             item = failed_item(source, f"{source.name}: validation crashed ({type(exc).__name__}: {exc}); see the "

@@ -180,6 +180,8 @@ def output_spec(request: Request, run_id: str, spec_id: str) -> Response:
     if path is None:
         return JSONResponse({"detail": f"The report of {run_id!r} names no output for {spec_id!r}"}, 404)
     headers = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'; sandbox"}
+    if "://" in str(path):  # an output in object storage (size checked by item_output_file)
+        return Response(path.read_bytes(), media_type="application/json", headers=headers)
     return FileResponse(path, media_type="application/json", headers=headers)
 
 

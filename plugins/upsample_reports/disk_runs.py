@@ -32,10 +32,13 @@ class _ReportCache:
         self._max_entries = max_entries
 
     def load(self, path: Path) -> RunReport:
+        if "://" in str(path):  # fsspec caches listings per process: the api-server must see a rewritten report
+            path.fs.invalidate_cache(path.path)
         stat = path.stat()
         if stat.st_size > MAX_REPORT_BYTES:
             raise ValueError(f"{path} is larger than {MAX_REPORT_BYTES} bytes")
-        stamp = (stat.st_mtime_ns, stat.st_size)
+        # Object storage (ObjectStoragePath.stat) has no st_mtime_ns; its st_mtime is the object's LastModified.
+        stamp = (getattr(stat, "st_mtime_ns", None) or int(stat.st_mtime * 1e9), stat.st_size)
         with self._lock:
             cached = self._entries.get(path)
             if cached and cached[0] == stamp:
@@ -51,9 +54,24 @@ class _ReportCache:
 _REPORTS = _ReportCache()
 
 
+def object_path(value: object) -> Path | None:
+    """An object-storage location as the DAG records it (`s3://conn_id@bucket/key`, see include/.../storage.py),
+    read through Airflow's ObjectStoragePath with that connection; None for anything else."""
+    if not isinstance(value, str) or "://" not in value or value.startswith("file://") or "\x00" in value:
+        return None
+    from include.cosmos_upsample.storage import path_from
+
+    try:
+        return path_from(value)
+    except Exception as exc:  # an unknown scheme or a provider that is not installed
+        log.warning("Cannot open %r: %s", value, exc)
+        return None
+
+
 def report_file(value: object) -> Path | None:
-    """`<output_dir>/reports/<name>.json`, the only shape of report path the plugin will read."""
-    path = local_path(value)
+    """`<output_dir>/reports/<name>.json`, the only shape of report path the plugin will read (local or object
+    storage)."""
+    path = local_path(value) or object_path(value)
     if path is None or path.suffix != ".json" or path.parent.name != REPORTS:
         return None
     return path
@@ -75,11 +93,15 @@ def output_dir_of(report_path: Path) -> Path:
 def item_output_file(report: RunReport, report_path: Path, spec_id: str) -> Path | None:
     """The output spec the report names for `spec_id`, if it is a JSON file inside the report's output dir."""
     root = output_dir_of(report_path).resolve()
+    remote = "://" in str(report_path)
     item = next((item for item in report.items if item.spec_id == spec_id), None)
-    path = local_path(item.output_path) if item else None
+    path = (object_path if remote else local_path)(item.output_path) if item else None
     if path is None or path.suffix != ".json":
         return None
     resolved = path.resolve()
+    if remote and (type(resolved) is not type(root) or resolved.protocol != root.protocol
+                   or getattr(resolved, "conn_id", None) != getattr(root, "conn_id", None)):
+        return None
     if not resolved.is_relative_to(root) or not resolved.is_file():
         return None
     if resolved.stat().st_size > MAX_SPEC_BYTES:
@@ -117,6 +139,8 @@ class DirectoryRuns:
         seen: set[Path] = set()
         for output_dir in [*self._output_dirs(), *extra_dirs]:
             reports_dir = OutputLayout(output_dir).reports_dir
+            if "://" in str(reports_dir):  # object storage: list afresh, not from fsspec's per-process cache
+                reports_dir.fs.invalidate_cache(reports_dir.path)
             if reports_dir in seen or not reports_dir.is_dir():
                 continue
             seen.add(reports_dir)

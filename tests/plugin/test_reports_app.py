@@ -284,8 +284,11 @@ class TestProgress:
 class TestPathShapes:
     def test_report_paths(self) -> None:
         assert report_file("/o/reports/r.json") == Path("/o/reports/r.json")
-        for bad in ("/etc/passwd", "/o/reports/r.html", "relative/reports/r.json", "s3://b/reports/r.json", None, 3):
+        for bad in ("/etc/passwd", "/o/reports/r.html", "relative/reports/r.json", "s3://b/other/r.json",
+                    "s3://b/reports/r.html", None, 3):
             assert report_file(bad) is None
+        # Reports in object storage (issue 13) are read through ObjectStoragePath, same shape rule.
+        assert report_file("s3://conn@b/reports/r.json").path == "b/reports/r.json"
 
     def test_run_dir_paths(self) -> None:
         assert run_dir_path("/o/runs/r") == Path("/o/runs/r")

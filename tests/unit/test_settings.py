@@ -58,7 +58,8 @@ def test_parse_resolution():
 class TestParamsFromSettings:
     def test_every_run_setting_is_a_nullable_param_saying_what_empty_means(self):
         schemas = param_schemas()
-        deployment_only = {"worker_image", "host_model_dir", "host_work_dir", "worker_python", "ledger_sync_seconds"}
+        deployment_only = {"worker_image", "host_model_dir", "host_work_dir", "worker_python", "ledger_sync_seconds",
+                           "video_cache_gb"}
         assert set(schemas) == set(Settings.model_fields) - deployment_only
         for name, schema in schemas.items():
             assert "null" in schema["type"] and schema["section"] and schema["title"], name
