@@ -15,6 +15,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,20 +167,25 @@ def json_text(data: Any) -> str:
     return text + "\n"
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_local_atomic(path: Path, chunks: Iterable[bytes]) -> None:
     """Readers never see a half-written file: write a temp file in the same folder, fsync, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o644)  # mkstemp makes 0600; outputs are read by other users (the UI, downstream DAGs)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(json_text(data))
+        with os.fdopen(fd, "wb") as handle:
+            for chunk in chunks:
+                handle.write(chunk)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_local_atomic(path, [json_text(data).encode("utf-8")])
 
 
 def read_json(path: Path) -> Any:

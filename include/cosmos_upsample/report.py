@@ -10,7 +10,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from include.cosmos_upsample.errors import NotRetryable
 from include.cosmos_upsample.items import Item
-from include.cosmos_upsample.layout import OutputLayout, write_json_atomic
+from include.cosmos_upsample.layout import OutputLayout
 from include.cosmos_upsample.report_model import COUNT_KEYS, Counts, Resolved, RunReport, TokensEqual
 from include.cosmos_upsample.settings import Settings
 
@@ -69,17 +69,10 @@ def render_html(report: RunReport) -> str:
 
 
 def write_report(layout: OutputLayout, report: RunReport) -> tuple[Path, Path]:
-    json_path, html_path = layout.report_paths(report.run_id)
-    if "://" in str(json_path):  # object storage: each file in one transaction, nothing partial under its name
-        from include.cosmos_upsample.storage import write_json, write_text_atomic
+    """Both files atomically: a temp file renamed into place, or the object store's transaction."""
+    from include.cosmos_upsample.storage import write_json, write_text_atomic
 
-        write_json(json_path, report.to_json())
-        write_text_atomic(html_path, render_html(report))
-        return json_path, html_path
-    write_json_atomic(json_path, report.to_json())
-    html_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = html_path.with_name(f".{html_path.name}.tmp")
-    # backslashreplace: a spec file name that is not UTF-8 shows as \\udcXX instead of failing the report.
-    tmp.write_text(render_html(report), encoding="utf-8", errors="backslashreplace")
-    tmp.replace(html_path)
+    json_path, html_path = layout.report_paths(report.run_id)
+    write_json(json_path, report.to_json())
+    write_text_atomic(html_path, render_html(report))
     return json_path, html_path

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from include.cosmos_upsample.layout import OutputLayout, json_text, write_json_atomic
+from include.cosmos_upsample.layout import OutputLayout, json_text, write_json_atomic, write_local_atomic
 
 log = logging.getLogger(__name__)
 
@@ -167,19 +167,7 @@ def write_bytes_atomic(path: Any, chunks: Iterable[bytes]) -> None:
     """Nothing appears under `path` unless every chunk was written: a local temp file renamed into place, or the
     object store's transaction (an exception inside a plain `open("wb")` would still commit the partial object)."""
     if not is_remote(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            os.fchmod(fd, 0o644)
-            with os.fdopen(fd, "wb") as handle:
-                for chunk in chunks:
-                    handle.write(chunk)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_local_atomic(path, chunks)
         return
     with path.fs.transaction, path.open("wb") as handle:
         for chunk in chunks:
