@@ -37,21 +37,21 @@ class Gpu:
 GPUS = (Gpu("H100", 80e9, 3.35e12), Gpu("H200", 141e9, 4.8e12))
 
 
-def concurrent_sequences(gpu: Gpu) -> int:
+def concurrent_sequences(gpu: Gpu, weight_bytes: float = WEIGHT_BYTES) -> int:
     """How many 4k-token sequences the KV cache holds at once (vLLM admits no more)."""
-    kv_bytes = gpu.memory_bytes * GPU_MEMORY_UTILIZATION - WEIGHT_BYTES - RUNTIME_RESERVE_BYTES
+    kv_bytes = gpu.memory_bytes * GPU_MEMORY_UTILIZATION - weight_bytes - RUNTIME_RESERVE_BYTES
     return min(BATCH, int(kv_bytes // (KV_BYTES_PER_TOKEN * (PROMPT_TOKENS + OUTPUT_TOKENS))))
 
 
-def prefill_seconds() -> float:
-    return 2 * PARAMS * PROMPT_TOKENS / (PEAK_BF16_FLOPS * MFU_PREFILL)
+def prefill_seconds(peak_flops: float = PEAK_BF16_FLOPS) -> float:
+    return 2 * PARAMS * PROMPT_TOKENS / (peak_flops * MFU_PREFILL)
 
 
-def decode_seconds(gpu: Gpu) -> float:
+def decode_seconds(gpu: Gpu, weight_bytes: float = WEIGHT_BYTES) -> float:
     """Per prompt: each step reads the weights once for the running batch plus every sequence's own KV cache."""
-    running = concurrent_sequences(gpu)
+    running = concurrent_sequences(gpu, weight_bytes)
     mean_context = PROMPT_TOKENS + OUTPUT_TOKENS / 2
-    step_bytes = WEIGHT_BYTES + running * mean_context * KV_BYTES_PER_TOKEN
+    step_bytes = weight_bytes + running * mean_context * KV_BYTES_PER_TOKEN
     step = step_bytes / (gpu.bandwidth * BANDWIDTH_EFFICIENCY)
     return OUTPUT_TOKENS * step / running
 
@@ -78,5 +78,34 @@ def main() -> None:
                   f"GPU stage wall {waves * job[0] / 60:.1f}-{waves * job[1] / 60:.1f} min")
 
 
+# fp8 weights (vLLM `quantization="fp8"` on Hopper): half the weight bytes, twice the dense tensor throughput;
+# the KV cache stays bf16 here.
+PRECISIONS = (("bf16", WEIGHT_BYTES, PEAK_BF16_FLOPS), ("fp8", WEIGHT_BYTES / 2, 2 * PEAK_BF16_FLOPS))
+
+
+def multi_gpu_hosts(hosts: int = 2, gpus_per_host: int = 8) -> None:
+    """Every GPU a slot (gpus_per_job 1): jobs = the planner's job_count, one model load per slot in parallel."""
+    from include.cosmos_upsample.batching import job_count
+
+    slots = hosts * gpus_per_host
+    jobs = job_count(SPECS, BATCH, slots)
+    per_job = math.ceil(SPECS / jobs)
+    print(f"{hosts} hosts x {gpus_per_host} GPUs = {slots} slots: {SPECS} specs make {jobs} jobs of <= {per_job}")
+    for precision, weight_bytes, peak in PRECISIONS:
+        for gpu in GPUS:
+            compute = prefill_seconds(peak) + decode_seconds(gpu, weight_bytes)
+            waves = math.ceil(jobs / slots)
+            wall = [waves * (seconds + per_job * compute) for seconds in LOAD_SECONDS]
+            gpu_s = [compute + seconds * jobs / SPECS for seconds in LOAD_SECONDS]
+            print(f"  {precision} {gpu.name}: {concurrent_sequences(gpu, weight_bytes)} sequences at once; compute "
+                  f"{compute:.3f} s/prompt; {gpu_s[0]:.2f}-{gpu_s[1]:.2f} GPU s/prompt with loads; GPU stage wall "
+                  f"{wall[0] / 60:.1f}-{wall[1] / 60:.1f} min")
+
+
 if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     main()
+    multi_gpu_hosts()

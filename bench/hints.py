@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import CPUS, median
-from include.cosmos_upsample.prompting import build_user_text
+from include.cosmos_upsample.prompt_formats import PROMPT_FORMATS
 from include.cosmos_upsample.tokens import PixtralCounter, SearchingPixtralCounter, fit_hint
 from include.cosmos_upsample.video import cached_hint, frame_names, frame_times, probe
 
@@ -39,7 +39,7 @@ class HintPlan:
 def plan_hint(clip: Path, counter: PixtralCounter) -> HintPlan:
     """The `auto` hint size validate.py would pick for a typical prompt, and its frame times."""
     info = probe(clip, clip.name)
-    text = build_user_text(TYPICAL_PROMPT)
+    text = PROMPT_FORMATS["instruction"].user_text(TYPICAL_PROMPT)
     size = fit_hint(SearchingPixtralCounter(counter, text), text, info.width, info.height, NUM_FRAMES, TOKEN_BUDGET)
     return HintPlan(clip, tuple(frame_times(info.duration, NUM_FRAMES)), size.width, size.height)
 

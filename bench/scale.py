@@ -14,7 +14,7 @@ from bench.clips import clip
 from bench.common import say
 from bench.dag_runs import DagRun, run_dag, task_instances
 from bench.specs import write_specs
-from include.cosmos_upsample.prompting import build_user_text
+from include.cosmos_upsample.prompt_formats import PROMPT_FORMATS
 from include.cosmos_upsample.tokens import PixtralCounter
 
 # A handful of short clips of the shapes users send: wide, full HD, 4:3, portrait, cinemascope.
@@ -39,9 +39,10 @@ def tokens_exact(report: dict, sample: int | None, seed: int = 0) -> dict:
     """Share of planned items whose reported `tokens.prompt` equals a fresh mistral-common count of the request."""
     planned = [item for item in report["items"] if item["status"] == "planned"]
     chosen = planned if sample is None or sample >= len(planned) else random.Random(seed).sample(planned, sample)
-    counter = PixtralCounter()
+    # The dry runs use backend vllm, whose default format is the Cosmos upsampler's (frames first, raw prompt).
+    counter, cosmos = PixtralCounter(images_first=True), PROMPT_FORMATS["cosmos_upsampler"]
     exact = sum(
-        item["tokens"]["prompt"] == counter.count(build_user_text(item["original_prompt"]), item["hint"]["width"],
+        item["tokens"]["prompt"] == counter.count(cosmos.user_text(item["original_prompt"]), item["hint"]["width"],
                                                   item["hint"]["height"], item["hint"]["frames"])
         for item in chosen
     )

@@ -22,41 +22,21 @@ import datetime as dt
 from airflow.sdk import Asset, Param, dag, task
 
 from include.cosmos_upsample.deployment import upsample_task_options
-from include.cosmos_upsample.settings import ASSET_URI, DAG_ID, GPU_POOL, REPORT_XCOM_KEY, RUN_DIR_XCOM_KEY
+from include.cosmos_upsample.settings import (
+    ASSET_URI,
+    DAG_ID,
+    GPU_POOL,
+    REPORT_XCOM_KEY,
+    RUN_DIR_XCOM_KEY,
+    param_schemas,
+)
 
 UPSAMPLED_PROMPTS = Asset(ASSET_URI)
 
 
-def _param(types: list[str], title: str, description: str, section: str, **schema) -> Param:
-    # Every Param may stay empty (null): then the deployment default applies, resolved at run time.
-    return Param(None, type=[*types, "null"], title=title, description=description, section=section, **schema)
-
-
-PARAMS = {
-    "input_dir": _param(["string"], "Input folder", "Folder (or URL) of *.json PromptSpecs.", "Data"),
-    "output_dir": _param(["string"], "Output folder", "Where specs/, reports/, hints/ and jobs/ go.", "Data"),
-    "runner": _param(["string"], "Runner", "local: on this worker. docker: on GPU hosts over SSH.", "Compute",
-                     enum=["local", "docker", None]),
-    "gpu_conn_ids": _param(["array"], "GPU hosts", "SSH connection ids of the GPU hosts (runner docker).",
-                           "Compute", items={"type": "string"}),
-    "backend": _param(["string"], "Backend", "vllm: the Pixtral-family VLM on GPU. llama_cpp: small local model.",
-                      "Model", enum=["vllm", "llama_cpp", None]),
-    "model": _param(["string"], "Model", "Model id or path; empty: the backend's default.", "Model"),
-    "max_model_len": _param(["integer"], "Context length", "The model's context in tokens (4096).", "Model",
-                            minimum=256),
-    "max_output_tokens": _param(["integer"], "Answer tokens", "Tokens reserved for the answer (300).", "Model",
-                                minimum=1),
-    "num_frames": _param(["integer"], "Frames", "Hint frames shown per prompt (2).", "Hint", minimum=1, maximum=16),
-    "hint_resolution": _param(["string"], "Hint size", "auto (largest that fits the budget) or WxH.", "Hint",
-                              pattern=r"^(auto|\d+x\d+)$"),
-    "batch_max_items": _param(["integer"], "Prompts per job", "Most prompts per model load (128).", "Compute",
-                              minimum=1),
-    "force": _param(["boolean"], "Force", "Upsample again even if an up-to-date result exists.", "Run"),
-    "max_failure_ratio": _param(["number"], "Failure ratio", "The run fails above this share failed (0.05).",
-                                "Run", minimum=0, maximum=1),
-    "dry_run": _param(["boolean"], "Dry run", "Plan only: validate, count tokens, batch, report; no model.", "Run"),
-    "sampling": _param(["object"], "Sampling", "temperature, top_p, repetition_penalty, seed.", "Model"),
-}
+# One Param per setting, generated from the settings model: types, bounds, enums, sections and descriptions that say
+# what an empty field means. Every Param may stay empty (null): the deployment default then applies at run time.
+PARAMS = {name: Param(None, **schema) for name, schema in param_schemas().items()}
 
 DEFAULT_ARGS = {
     "owner": "cosmos",
@@ -79,6 +59,8 @@ DEFAULT_ARGS = {
     doc_md=__doc__,
 )
 def cosmos_prompt_upsample():
+    # Returns the chunk files (validate maps over them) and publishes the run folder as its second output:
+    # Airflow maps only over a return value, never over one key of `multiple_outputs`.
     @task
     def discover(params=None, run_id=None, ti=None):
         import os
@@ -92,23 +74,23 @@ def cosmos_prompt_upsample():
         return chunks
 
     @task(map_index_template="{{ chunk_label }}")
-    def validate(chunk: str):
+    def validate(run_dir: str, chunk: str):
         from airflow.sdk import get_current_context
 
         from include.cosmos_upsample import stages
 
         get_current_context()["chunk_label"] = chunk.rsplit("/", 1)[-1]
-        return stages.validate_chunk(chunk)
+        return stages.validate_chunk(run_dir, chunk)
 
     @task
-    def batch(validated: list[str]):
+    def batch(run_dir: str, validated: list[str]):
         from include.cosmos_upsample import stages
 
-        return stages.batch(list(validated))
+        return stages.batch(run_dir, list(validated))
 
     # The queue is a deployment setting (env COSMOS_UPSAMPLE_UPSAMPLE_QUEUE), read at parse time: see deployment.py.
     @task(map_index_template="{{ job_label }}", pool=GPU_POOL, **upsample_task_options())
-    def upsample(job: dict, ti=None):
+    def upsample(run_dir: str, job: dict, ti=None):
         from airflow.sdk import get_current_context
         from airflow.sdk.exceptions import AirflowFailException
 
@@ -118,7 +100,7 @@ def cosmos_prompt_upsample():
         context = get_current_context()
         context["job_label"] = f"job {job['job_key'] or '-'} ({job['items']} prompts) on {job['conn_id'] or 'local'}"
         try:
-            return stages.upsample(job, ti.map_index, context)
+            return stages.upsample(run_dir, job, ti.map_index, context)
         except NotRetryable as exc:
             raise AirflowFailException(str(exc)) from exc
 
@@ -130,23 +112,27 @@ def cosmos_prompt_upsample():
         return stages.merge(run_dir, run_id)
 
     @task(outlets=[UPSAMPLED_PROMPTS])
-    def report(run_dir: str, merged: str, run_id=None, dag_run=None, ti=None):
+    def report(run_dir: str, merged: str, run_id=None, dag_run=None, ti=None, outlet_events=None):
         from airflow.sdk.exceptions import AirflowFailException
 
         from include.cosmos_upsample import stages
         from include.cosmos_upsample.errors import NotRetryable
 
+        def publish(location: dict) -> None:
+            ti.xcom_push(key=REPORT_XCOM_KEY, value=location)
+            # The asset's URI is static; its event names where this run's results are (output_dir may be s3://).
+            outlet_events[UPSAMPLED_PROMPTS].extra = {key: location[key] for key in stages.ASSET_EXTRA_KEYS}
+
         try:
-            return stages.report(run_dir, run_id, DAG_ID, dag_run.start_date.isoformat(),
-                                 publish=lambda location: ti.xcom_push(key=REPORT_XCOM_KEY, value=location))
+            return stages.report(run_dir, run_id, DAG_ID, dag_run.start_date.isoformat(), publish=publish)
         except NotRetryable as exc:  # too many failed specs: the report is written, a retry cannot change it
             raise AirflowFailException(str(exc)) from exc
 
     chunks = discover()
-    run_dir = chunks[RUN_DIR_XCOM_KEY]
-    jobs = batch(validate.expand(chunk=chunks))
+    run_dir = chunks[RUN_DIR_XCOM_KEY]  # discover's second output; every later stage is handed it
+    jobs = batch(run_dir, validate.partial(run_dir=run_dir).expand(chunk=chunks))
     merged = merge_metadata(run_dir)
-    upsample.expand(job=jobs) >> merged
+    upsample.partial(run_dir=run_dir).expand(job=jobs) >> merged
     report(run_dir, merged)
 
 

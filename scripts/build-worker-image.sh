@@ -15,5 +15,5 @@ mkdir -p "$wheels"
 export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
 .venv/bin/pip wheel -q -w "$wheels" -r requirements-local-model.txt
 
-podman build -q --target cpu -t "$tag" docker/upsampler >/dev/null
+podman build -q -f docker/upsampler/Dockerfile --target cpu -t "$tag" . >/dev/null
 echo "worker image: $tag ($(podman image inspect --format '{{.Id}}' "$tag" | cut -c1-12))"

@@ -38,3 +38,15 @@ def airflow_home() -> dict[str, str]:
     subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], env=env, check=True,
                    capture_output=True)
     return env
+
+
+# The fast tier (`pytest -m fast`, about a minute here): unit tests, DAG integrity and in-process stage runs, all on
+# real ffmpeg, the real tokenizer and SQLite; the end-to-end tiers (e2e, remote, browser, vllm, deploy, storage) prove
+# the wiring with a few whole runs each.
+FAST_FOLDERS = ("unit", "dags", "stages")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if Path(str(item.fspath)).relative_to(ROOT / "tests").parts[0] in FAST_FOLDERS:
+            item.add_marker(pytest.mark.fast)

@@ -20,6 +20,28 @@ def make_video(path: Path, width: int = 320, height: int = 180, seconds: float =
     return path
 
 
+def make_colour_video(path: Path, first: list[str], rest: str, width: int = 160, height: int = 120,
+                      seconds: float = 1.0, rate: int = 10) -> Path:
+    """A real H.264 clip of solid colour `rest` whose frames 0, 1, ... are the colours in `first`: which frames a
+    hint took is visible in the hint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    boxes = "".join(f",drawbox=c={colour}:t=fill:enable='eq(n,{index})'" for index, colour in enumerate(first))
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", f"color=c={rest}:s={width}x{height}:r={rate}:d={seconds}",
+         "-vf", f"null{boxes}", "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(path)],
+        check=True,
+    )
+    return path
+
+
+def mean_rgb(image: Path) -> tuple[float, float, float]:
+    """The average colour of a hint frame, 0-255 per channel."""
+    from PIL import Image, ImageStat
+
+    with Image.open(image) as picture:
+        return tuple(ImageStat.Stat(picture.convert("RGB")).mean)
+
+
 def write_spec(folder: Path, stem: str, **fields) -> Path:
     path = folder / f"{stem}.json"
     path.write_text(json.dumps({"id": stem, "prompt": f"A robot arm picks up a red cup ({stem}).", **fields}))

@@ -1,13 +1,14 @@
-"""The upsampling worker: one model load, every prompt of one job, each result checkpointed at once.
+"""The upsampling worker: one model load, every prompt of one job, each answer checkpointed the moment it exists.
 
-Runs as a subprocess of the Airflow worker (runner `local`) or as the entry point of the GPU image (runner
-`docker`). It needs only the standard library plus its backend (llama-cpp-python or vLLM), never Airflow.
+Runs as a subprocess of the Airflow worker (runner `local`, with the project root on PYTHONPATH) or as the entry
+point of the GPU image (runner `docker`, the shared modules copied beside it). It needs only the standard library,
+the project's job and prompt formats (standard library too) and its backend (llama-cpp-python or vLLM), never Airflow.
 
-    python worker.py --job-dir DIR
+    python worker.py --job-dir DIR [--gpu-lock FILE]
 
-DIR holds `manifest.json` (written by the DAG's batch task) and receives `ledger.jsonl`: one JSON line per model
-call, appended and fsynced the moment the answer exists. On start the worker skips every item the ledger already
-holds as `ok`, so a killed or retried job redoes only what is unfinished.
+DIR holds `manifest.json` and receives `ledger.jsonl` (see include/cosmos_upsample/jobformat.py). On start the
+worker skips every item the ledger already holds as `ok`, so a killed or retried job redoes only what is unfinished;
+a killed worker loses at most the requests it had in flight.
 """
 
 from __future__ import annotations
@@ -18,55 +19,29 @@ import contextlib
 import fcntl
 import json
 import os
-import re
 import signal
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-LEDGER_NAME = "ledger.jsonl"
-# Held (flock) by the worker running the job; the DAG side checks it too before reusing the job's answers.
-LOCK_NAME = ".lock"
-MANIFEST_NAME = "manifest.json"
-# Fault injection for the test suite: the worker SIGKILLs itself after this many new results.
-DIE_AFTER_ENV = "COSMOS_UPSAMPLE_WORKER_DIE_AFTER"
-
-# vLLM words its context-length error differently across versions; both forms fail only the offending item.
-CONTEXT_ERROR_PATTERNS = (
-    re.compile(r"Prompt length of \d+ is longer than the maximum model length", re.IGNORECASE),
-    re.compile(r"The prompt \(total length \d+\) is too long to fit into the model", re.IGNORECASE),
+from include.cosmos_upsample.jobformat import (
+    DIE_AFTER_ENV,
+    EXIT_JOB_BUSY,
+    EXIT_TOKENIZER_MISMATCH,
+    Job,
+    JobItem,
+    Ledger,
+    job_lock,
 )
+from include.cosmos_upsample.prompt_formats import PROMPT_FORMATS
 
-
-@dataclass(frozen=True)
-class JobItem:
-    key: str
-    spec_id: str
-    text: str
-    frames: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Job:
-    job_key: str
-    backend: str
-    model: str
-    max_model_len: int
-    max_output_tokens: int
-    sampling: dict[str, Any] = field(default_factory=dict)
-    items: tuple[JobItem, ...] = ()
-
-    @classmethod
-    def from_manifest(cls, data: dict[str, Any]) -> Job:
-        items = tuple(
-            JobItem(item["key"], item["spec_id"], item["text"], tuple(item.get("frames", ()))) for item in data["items"]
-        )
-        fields = {name: data[name] for name in ("job_key", "backend", "model", "max_model_len", "max_output_tokens")}
-        return cls(**fields, sampling=dict(data.get("sampling", {})), items=items)
+# Extra `vllm.LLM` arguments for this machine as JSON, merged last: e.g. the CPU test environment's
+# {"dtype": "bfloat16", "enforce_eager": true, "distributed_executor_backend": "uni"}. GPU hosts need none.
+VLLM_ENGINE_ARGS_ENV = "COSMOS_UPSAMPLE_VLLM_ENGINE_ARGS"
 
 
 @dataclass(frozen=True)
@@ -77,67 +52,45 @@ class Answer:
     error: str | None = None
 
 
-class Ledger:
-    """Append-only JSON lines; a torn last line (the process died mid-write) is ignored."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def entries(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        entries = []
-        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                entries.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return entries
-
-    def finished_keys(self) -> set[str]:
-        return {entry["key"] for entry in self.entries() if entry.get("status") == "ok"}
-
-    def append(self, entry: dict[str, Any]) -> None:
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-
-
-def is_context_error(message: str) -> bool:
-    return any(pattern.search(message) for pattern in CONTEXT_ERROR_PATTERNS)
+class TokenizerMismatch(RuntimeError):
+    """The engine counts the first prompt differently from the plan: every hint was sized with the wrong numbers."""
 
 
 def image_data_url(path: Path) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def build_vllm_conversation(item: JobItem, job_dir: Path) -> list[dict[str, Any]]:
-    """One user turn: the text, then each hint frame, in the order the DAG counted them."""
-    content: list[dict[str, Any]] = [{"type": "text", "text": item.text}]
-    for frame in item.frames:
-        content.append({"type": "image_url", "image_url": {"url": image_data_url(job_dir / frame)}})
+def build_conversation(item: JobItem, job: Job, job_dir: Path) -> list[dict[str, Any]]:
+    """One user turn in the job's prompt format (for the Cosmos upsampler: the frames, then the raw prompt)."""
+    images = [{"type": "image_url", "image_url": {"url": image_data_url(job_dir / frame)}} for frame in item.frames]
+    content = [part if kind == "image" else {"type": "text", "text": part}
+               for kind, part in PROMPT_FORMATS[job.prompt_format].content(item.text, images)]
     return [{"role": "user", "content": content}]
 
 
-def chat_isolating_context_errors(
-    chat: Callable[[list[Any]], list[Answer]], conversations: Sequence[Any]
-) -> list[Answer]:
-    """One call for all; if the engine refuses the batch for one overlong prompt, retry one by one."""
-    try:
-        return chat(list(conversations))
-    except ValueError as exc:
-        if not is_context_error(str(exc)):
-            raise
-    answers = []
-    for conversation in conversations:
-        try:
-            answers.extend(chat([conversation]))
-        except ValueError as exc:
-            if not is_context_error(str(exc)):
-                raise
-            answers.append(Answer(error=f"prompt too long for the model's context: {exc}"))
-    return answers
+def engine_arguments(job: Job, environ: dict[str, str] | os._Environ = os.environ) -> dict[str, Any]:
+    """`vllm.LLM` arguments as NVIDIA builds the Cosmos upsampler's engine (cosmos-transfer1,
+    `auxiliary/upsampler/model/upsampler.py`: tokenizer_mode="mistral", max_model_len=4096,
+    limit_mm_per_prompt={"image": 2}, enable_prefix_caching=True), with the deployment's engine settings from the
+    manifest (upstream's gpu_memory_utilization=0.98 and max_num_seqs=2 are for one interactive prompt; a batch job
+    takes the run's settings) and this machine's extras last."""
+    frames = max((len(item.frames) for item in job.items), default=1)
+    arguments: dict[str, Any] = {
+        "model": job.model,
+        "tokenizer_mode": "mistral",
+        "max_model_len": job.max_model_len,
+        "limit_mm_per_prompt": {"image": max(1, frames)},
+    }
+    arguments.update({name: value for name, value in job.engine.items() if value is not None})
+    arguments.update(json.loads(environ.get(VLLM_ENGINE_ARGS_ENV) or "{}"))
+    return arguments
+
+
+def sampling_arguments(job: Job, item: JobItem) -> dict[str, Any]:
+    """Upstream samples with SamplingParams(temperature=0.6, max_tokens=300); the job carries the resolved values."""
+    chosen = {name: job.sampling.get(name) for name in ("temperature", "top_p", "repetition_penalty", "seed")}
+    return {"max_tokens": item.max_tokens or job.max_output_tokens,
+            **{name: value for name, value in chosen.items() if value is not None}}
 
 
 class LlamaCppBackend:
@@ -152,23 +105,19 @@ class LlamaCppBackend:
             model_path=job.model,
             n_ctx=job.max_model_len,
             n_threads=max(1, os.cpu_count() or 1),
-            seed=int(job.sampling.get("seed", 0)),
+            seed=int(job.sampling.get("seed") or 0),
             verbose=False,
         )
         self._job = job
 
     def answers(self, items: Sequence[JobItem], job_dir: Path) -> Iterator[tuple[JobItem, Answer]]:
-        sampling = self._job.sampling
         for item in items:
+            arguments = sampling_arguments(self._job, item)
+            if "repetition_penalty" in arguments:
+                arguments["repeat_penalty"] = arguments.pop("repetition_penalty")
             try:
                 response = self._llm.create_chat_completion(
-                    messages=[{"role": "user", "content": item.text}],
-                    max_tokens=self._job.max_output_tokens,
-                    temperature=float(sampling.get("temperature", 0.2)),
-                    top_p=float(sampling.get("top_p", 0.9)),
-                    repeat_penalty=float(sampling.get("repetition_penalty", 1.3)),
-                    seed=int(sampling.get("seed", 0)),
-                )
+                    messages=[{"role": "user", "content": item.text}], **arguments)
             except ValueError as exc:  # llama.cpp raises ValueError when the prompt exceeds n_ctx
                 yield item, Answer(error=f"model refused the prompt: {exc}")
                 continue
@@ -178,54 +127,100 @@ class LlamaCppBackend:
 
 
 class VllmBackend:
-    """The Pixtral family through vLLM: all conversations of the job in one `LLM.chat` call."""
+    """The Pixtral family through vLLM's engine: each item is its own request (id = item key), measured by the
+    engine's own preprocessing before it is submitted, and each answer is handed on the moment it finishes.
+
+    Not `LLM.chat` over the whole job: that returns nothing until every answer exists, and on vLLM 0.11 a request
+    rejected mid-call leaves the earlier ones queued, to come back with the next call's answers (vLLM issue 26081).
+    """
 
     frames_sent = True
 
     def __init__(self, job: Job) -> None:
         # vLLM forks worker processes; CUDA needs them spawned, and this must be set before vllm is imported.
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-        from vllm import LLM, SamplingParams
+        from vllm import LLM
 
-        frames = max((len(item.frames) for item in job.items), default=1)
-        self._llm = LLM(
-            model=job.model,
-            tokenizer_mode="mistral",
-            max_model_len=job.max_model_len,
-            limit_mm_per_prompt={"image": max(1, frames)},
-            seed=int(job.sampling.get("seed", 0)),
-        )
-        self._params = SamplingParams(
-            max_tokens=job.max_output_tokens,
-            temperature=float(job.sampling.get("temperature", 0.2)),
-            top_p=float(job.sampling.get("top_p", 0.9)),
-            repetition_penalty=float(job.sampling.get("repetition_penalty", 1.0)),
-            seed=int(job.sampling.get("seed", 0)),
-        )
+        self._job = job
+        self._llm = LLM(**engine_arguments(job))
 
-    def _chat(self, conversations: list[Any]) -> list[Answer]:
-        outputs = self._llm.chat(conversations, self._params, use_tqdm=False)
-        return [
-            Answer(out.outputs[0].text.strip(), len(out.prompt_token_ids or ()), len(out.outputs[0].token_ids))
-            for out in outputs
-        ]
+    def render(self, conversation: list[dict[str, Any]]) -> Any:
+        """The engine's own preprocessing of one chat (Mistral tokenizer, images, placeholders), without the
+        engine's length check: the length is measured here and compared with the budget before submitting."""
+        import dataclasses
+
+        from vllm.renderers import ChatParams
+
+        renderer = self._llm.renderer
+        params = ChatParams(chat_template_kwargs={"add_generation_prompt": True, "tokenize": True})
+        unlimited = dataclasses.replace(renderer.default_chat_tok_params, max_total_tokens=None)
+        # skip_mm_cache: with vLLM's multimodal processor cache, images of a prompt rendered but never submitted
+        # (an overlong item) count as sent, and a later request with the same images fails in the engine.
+        _, (prompt,) = renderer.render_chat([conversation], params, unlimited, skip_mm_cache=True)
+        return prompt
+
+    @staticmethod
+    def prompt_length(prompt: Any) -> int:
+        return len(prompt["prompt_token_ids"])
+
+    def _sampling(self, item: JobItem) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(**sampling_arguments(self._job, item), output_kind=RequestOutputKind.FINAL_ONLY)
 
     def answers(self, items: Sequence[JobItem], job_dir: Path) -> Iterator[tuple[JobItem, Answer]]:
-        conversations = [build_vllm_conversation(item, job_dir) for item in items]
-        yield from zip(items, chat_isolating_context_errors(self._chat, conversations), strict=True)
+        from vllm.exceptions import VLLMError
+
+        engine, pending = self._llm.llm_engine, {}
+        for index, item in enumerate(items):
+            prompt = self.render(build_conversation(item, self._job, job_dir))
+            length = self.prompt_length(prompt)
+            if index == 0:
+                check_plan(self._job, item, length)
+            answer_tokens = item.max_tokens or self._job.max_output_tokens
+            budget = self._job.max_model_len - answer_tokens
+            if length > budget:
+                yield item, Answer(prompt_tokens=length, error=(
+                    f"prompt is {length} tokens by the engine's count, over the budget of {budget} (max_model_len "
+                    f"{self._job.max_model_len} - {answer_tokens} answer tokens); not sent to the model"))
+                continue
+            try:
+                engine.add_request(item.key, prompt, self._sampling(item))
+            except (ValueError, VLLMError) as exc:  # refused (nothing is queued): this item fails, the rest go on
+                yield item, Answer(prompt_tokens=length, error=f"the engine refused the request: {exc}")
+                continue
+            pending[item.key] = item
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.finished:
+                    completion = output.outputs[0]
+                    yield pending.pop(output.request_id), Answer(
+                        completion.text.strip(), len(output.prompt_token_ids or ()), len(completion.token_ids))
+
+
+def check_plan(job: Job, item: JobItem, engine_tokens: int) -> None:
+    if item.planned_tokens is not None and engine_tokens != item.planned_tokens:
+        raise TokenizerMismatch(
+            f"the engine counts {engine_tokens} prompt tokens for {item.spec_id}, the plan {item.planned_tokens}: "
+            f"the planner's tokenizer ({job.planner_tokenizer or 'unknown'}) is not the model's ({job.model}), so "
+            "every hint size would be wrong. Point the `tokenizer` setting at the model folder's tekken.json and "
+            "re-run; nothing was sent to the model"
+        )
 
 
 BACKENDS = {"llama_cpp": LlamaCppBackend, "vllm": VllmBackend}
 
 
 def ledger_entry(job: Job, item: JobItem, answer: Answer, seconds: float, run_id: str, frames_sent: bool) -> dict:
-    entry = {
+    return {
         "key": item.key,
         "spec_id": item.spec_id,
         "status": "failed" if answer.error or not answer.text else "ok",
         "text": answer.text,
         "reason": answer.error or ("the model returned an empty answer" if not answer.text else None),
         "prompt_tokens": answer.prompt_tokens,
+        "planned_tokens": item.planned_tokens,
         "completion_tokens": answer.completion_tokens,
         "backend": job.backend,
         "model": job.model,
@@ -234,7 +229,6 @@ def ledger_entry(job: Job, item: JobItem, answer: Answer, seconds: float, run_id
         "finished_at": time.time(),
         "worker_run": run_id,
     }
-    return entry
 
 
 def _eta(done: int, total: int, elapsed: float) -> str:
@@ -243,16 +237,10 @@ def _eta(done: int, total: int, elapsed: float) -> str:
     return f"{elapsed / done * (total - done):.0f}s"
 
 
-# Exit status when another worker still holds the job (e.g. the previous attempt's process has not died yet).
-EXIT_JOB_BUSY = 75
-
-
 def run_job(job_dir: Path, backend_factory: Callable[[Job], Any] | None = None, gpu_lock: Path | None = None) -> int:
     """Do the job's unfinished items; one worker per job at a time, so no item is ever paid twice."""
-    with (job_dir / LOCK_NAME).open("w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    with job_lock(job_dir) as got_it:
+        if not got_it:
             print(f"job folder {job_dir} is held by another worker; try again when it has stopped", file=sys.stderr)
             return EXIT_JOB_BUSY
         return _run_locked(job_dir, backend_factory, gpu_lock)
@@ -260,7 +248,7 @@ def run_job(job_dir: Path, backend_factory: Callable[[Job], Any] | None = None, 
 
 @contextlib.contextmanager
 def holding_gpu(gpu_lock: Path | None) -> Iterator[None]:
-    """One model on a GPU at a time: jobs for the same host wait here rather than run out of GPU memory."""
+    """One model on a GPU at a time: jobs for the same GPUs wait here rather than run out of GPU memory."""
     if gpu_lock is None:
         yield
         return
@@ -274,15 +262,19 @@ def holding_gpu(gpu_lock: Path | None) -> Iterator[None]:
 
 
 def _run_locked(job_dir: Path, backend_factory: Callable[[Job], Any] | None, gpu_lock: Path | None) -> int:
-    job = Job.from_manifest(json.loads((job_dir / MANIFEST_NAME).read_text(encoding="utf-8")))
-    ledger = Ledger(job_dir / LEDGER_NAME)
+    job = Job.read(job_dir)
+    ledger = Ledger.of(job_dir)
     finished = ledger.finished_keys()
     todo = [item for item in job.items if item.key not in finished]
     print(f"job {job.job_key}: {len(job.items)} items, {len(job.items) - len(todo)} already done, {len(todo)} to do")
     if not todo:
         return 0
     with holding_gpu(gpu_lock):
-        return _answer(job, todo, ledger, job_dir, backend_factory)
+        try:
+            return _answer(job, todo, ledger, job_dir, backend_factory)
+        except TokenizerMismatch as exc:
+            print(f"refusing job {job.job_key}: {exc}", file=sys.stderr, flush=True)
+            return EXIT_TOKENIZER_MISMATCH
 
 
 def _answer(job: Job, todo: list[JobItem], ledger: Ledger, job_dir: Path,
@@ -310,7 +302,7 @@ def _answer(job: Job, todo: list[JobItem], ledger: Ledger, job_dir: Path,
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--job-dir", type=Path, required=True, help="folder holding manifest.json")
-    parser.add_argument("--gpu-lock", type=Path, help="a file every job on this machine locks while its model runs")
+    parser.add_argument("--gpu-lock", type=Path, help="a file every job on these GPUs locks while its model runs")
     args = parser.parse_args(argv)
     return run_job(args.job_dir, gpu_lock=args.gpu_lock)
 

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from include.cosmos_upsample.gpu_slots import GpuSlot
+
 T = TypeVar("T")
 
 # Validation chunks: big enough that 1,000 specs make tens of task instances, not thousands.
@@ -23,7 +25,14 @@ def chunk_evenly(items: Sequence[T], max_size: int, max_chunks: int = MAX_MAP_LE
     """
     if not items:
         return []
-    count = min(math.ceil(len(items) / max_size), max_chunks)
+    return split_evenly(items, min(math.ceil(len(items) / max_size), max_chunks))
+
+
+def split_evenly(items: Sequence[T], count: int) -> list[list[T]]:
+    """Exactly `count` chunks (fewer only when there are fewer items), sizes within one of each other."""
+    count = min(count, len(items))
+    if count <= 0:
+        return []
     base, extra = divmod(len(items), count)
     chunks, start = [], 0
     for index in range(count):
@@ -38,6 +47,7 @@ class JobPlan:
     job_key: str
     conn_id: str | None
     item_keys: tuple[str, ...]
+    slot: int | None = None  # the planned slot's index on its host (see gpu_slots); None for the local runner
 
 
 def job_key(item_keys: Sequence[str], settings_fingerprint: str) -> str:
@@ -48,12 +58,32 @@ def job_key(item_keys: Sequence[str], settings_fingerprint: str) -> str:
     return digest.hexdigest()[:20]
 
 
+def job_count(items: int, batch_max_items: int, slots: int) -> int:
+    """The fewest jobs of at most batch_max_items, raised to the slot count while there are items to fill them.
+
+    Jobs shrink below batch_max_items only to keep slots busy, never into more jobs than slots, so every model
+    load beyond the minimum runs on a GPU that would otherwise sit idle.
+    """
+    if items <= 0:
+        return 0
+    return max(math.ceil(items / batch_max_items), min(max(slots, 1), items))
+
+
 def plan_jobs(
-    item_keys: Sequence[str], batch_max_items: int, conn_ids: Sequence[str], settings_fingerprint: str
+    item_keys: Sequence[str], batch_max_items: int, slots: Sequence[GpuSlot], settings_fingerprint: str,
+    pinned: Sequence[JobPlan] = (),
 ) -> list[JobPlan]:
-    """Pack items into the fewest jobs of at most batch_max_items (one model load each), round-robin over hosts."""
-    hosts: list[str | None] = list(conn_ids) or [None]
-    jobs = []
-    for index, keys in enumerate(chunk_evenly(sorted(item_keys), batch_max_items)):
-        jobs.append(JobPlan(job_key(keys, settings_fingerprint), hosts[index % len(hosts)], tuple(keys)))
+    """Pack items into jobs (see job_count), assigned round-robin over the slots of all hosts.
+
+    `pinned` are jobs whose container still runs (a killed task's): kept as they are, never split or doubled;
+    their items are left out of the new jobs, and the new jobs start on the slots after theirs.
+    """
+    taken = {key for plan in pinned for key in plan.item_keys}
+    keys = sorted(key for key in item_keys if key not in taken)
+    places: list[tuple[str | None, int | None]] = [(slot.conn_id, slot.index) for slot in slots] or [(None, None)]
+    count = job_count(len(keys), batch_max_items, len(places) - len(pinned))  # a running job holds its slot
+    jobs = list(pinned)
+    for index, chunk in enumerate(split_evenly(keys, min(count, MAX_MAP_LENGTH))):
+        conn_id, slot = places[(len(pinned) + index) % len(places)]
+        jobs.append(JobPlan(job_key(chunk, settings_fingerprint), conn_id, tuple(chunk), slot))
     return jobs

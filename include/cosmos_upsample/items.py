@@ -5,46 +5,32 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import ConfigDict, Field
 
 from include.cosmos_upsample.layout import read_json, write_json_atomic
+from include.cosmos_upsample.report_model import FINAL_STATUSES, FinalStatus, Hint, ReportItem, Tokens
 
-# `valid` lives between validation and merge; `planned` marks valid items of a dry run.
-Status = Literal["valid", "upsampled", "cached", "invalid", "failed", "planned"]
-FINAL_STATUSES = ("upsampled", "cached", "invalid", "failed", "planned")
+__all__ = ["FINAL_STATUSES", "Hint", "Item", "Status", "Tokens", "failed_item", "invalid_item", "load_items",
+           "save_items"]
+
+# `valid` lives between validation and merge; every item ends the run in one of FINAL_STATUSES.
+Status = Literal["valid", FinalStatus]
 # Internal fields: needed by later stages, left out of the report.
 INTERNAL_FIELDS = {"key", "text", "frame_paths"}
 
 
-class Tokens(BaseModel):
-    prompt: int | None = None
-    budget: int
+class Item(ReportItem):
+    """A report item plus what the stages between discover and merge need."""
 
+    model_config = ConfigDict(extra="ignore")
 
-class Hint(BaseModel):
-    width: int | None = None
-    height: int | None = None
-    frames: int = 0
-
-
-class Item(BaseModel):
-    spec_id: str
-    source_path: str
     status: Status
-    reason: str | None = None
-    tokens: Tokens
-    hint: Hint = Field(default_factory=Hint)
-    output_path: str | None = None
-    name: str = ""
-    original_prompt: str | None = None
-    upsampled_prompt: str | None = None
-    frames_sent: int = 0
     key: str | None = None
     text: str | None = None
     frame_paths: list[str] = Field(default_factory=list)
 
-    def report_dict(self) -> dict:
-        return self.model_dump(mode="json", exclude=INTERNAL_FIELDS)
+    def report_item(self) -> ReportItem:
+        return ReportItem.model_validate(self.model_dump(exclude=INTERNAL_FIELDS))
 
 
 def invalid_item(source: Path, reason: str, budget: int, spec_id: str | None = None) -> Item:

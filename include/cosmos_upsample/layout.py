@@ -5,7 +5,8 @@
     hints/<hint_key>/frame-NN.jpg     hint frames, cached by content key (shared by runs)
     jobs/<job_key>/                   one model job: manifest.json, ledger.jsonl (the checkpoint), logs
     jobs/by-item/<item_key>           which job was given the item, so a later run reuses its answer
-    runs/<run_id>/                    one run's plan: settings, chunks, validated items, plan.json, merged.json
+    runs/<run_id>/                    one run's folder (RunFolder): settings.json, discovered.json, chunks/,
+                                      validated/, plan.json, merged.json, stages/
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# In a job folder: why the job's last attempt failed, for the report's `failed` reasons.
-LAST_ERROR_NAME = "last_error.txt"
-
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._+=:@-]")
+# Folder names under output_dir that readers (the UI plugin) check paths against.
+SPECS, REPORTS, HINTS, JOBS, RUNS = "specs", "reports", "hints", "jobs", "runs"
 
 
 def safe_name(value: str) -> str:
@@ -40,19 +41,19 @@ class OutputLayout:
 
     @property
     def specs_dir(self) -> Path:
-        return self.root / "specs"
+        return self.root / SPECS
 
     @property
     def reports_dir(self) -> Path:
-        return self.root / "reports"
+        return self.root / REPORTS
 
     @property
     def hints_dir(self) -> Path:
-        return self.root / "hints"
+        return self.root / HINTS
 
     @property
     def jobs_dir(self) -> Path:
-        return self.root / "jobs"
+        return self.root / JOBS
 
     def spec_path(self, spec_id: str) -> Path:
         return self.specs_dir / f"{spec_id}.json"
@@ -62,7 +63,10 @@ class OutputLayout:
         return self.reports_dir / f"{name}.json", self.reports_dir / f"{name}.html"
 
     def run_dir(self, run_id: str) -> Path:
-        return self.root / "runs" / safe_name(run_id)
+        return self.root / RUNS / safe_name(run_id)
+
+    def run_folder(self, run_id: str) -> RunFolder:
+        return RunFolder(self.run_dir(run_id))
 
     def job_dir(self, job_key: str) -> Path:
         return self.jobs_dir / job_key
@@ -73,6 +77,83 @@ class OutputLayout:
     def answer_pointer(self, item_key: str) -> Path:
         """jobs/by-item/<item_key>: the key of the job that was given this item (see merge.earlier_answers)."""
         return self.jobs_dir / "by-item" / item_key
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """runs/<run_id>/: everything one run plans and records. discover makes it and the DAG hands its path to every
+    later stage, which is why no stage works it out from a file inside it.
+
+        settings.json           the settings discover resolved; every later stage reads them back
+        discovered.json         items final at discovery (cached, duplicate ids)
+        chunks/chunk-NNNN.json  spec files to validate, one mapped validate task each
+        validated/chunk-NNNN.json  the items a validate task made of that chunk
+        plan.json               the model jobs batch planned, and the items earlier jobs already answered
+        merged.json             every item after merge: what the report shows
+        stages/<stage>.json     seconds of work per stage (and per mapped index)
+        video_cache/chunk-NNNN.json  video cache hits and downloads of a validate task (object-storage input)
+    """
+
+    path: Path
+
+    @classmethod
+    def at(cls, run_dir: str | Path) -> RunFolder:
+        return cls(Path(run_dir))
+
+    @property
+    def settings(self) -> Path:
+        return self.path / "settings.json"
+
+    @property
+    def discovered(self) -> Path:
+        return self.path / "discovered.json"
+
+    @property
+    def plan(self) -> Path:
+        return self.path / "plan.json"
+
+    @property
+    def merged(self) -> Path:
+        return self.path / "merged.json"
+
+    @property
+    def chunks_dir(self) -> Path:
+        return self.path / "chunks"
+
+    @property
+    def validated_dir(self) -> Path:
+        return self.path / "validated"
+
+    @property
+    def stages_dir(self) -> Path:
+        return self.path / "stages"
+
+    def chunk(self, index: int) -> Path:
+        return self.chunks_dir / f"chunk-{index:04d}.json"
+
+    @staticmethod
+    def chunk_index(chunk: Path) -> int:
+        return int(chunk.stem.rsplit("-", 1)[-1])
+
+    def chunks(self) -> list[Path]:
+        return sorted(self.chunks_dir.glob("*.json"))
+
+    def validated(self, chunk: Path) -> Path:
+        """Where validation of `chunk` (a file of chunks/) writes its items."""
+        return self.validated_dir / chunk.name
+
+    def validated_files(self) -> list[Path]:
+        return sorted(self.validated_dir.glob("*.json"))
+
+    def stage_record(self, stage: str, index: int | None = None) -> Path:
+        name = stage if index is None else f"{stage}-{index:04d}"
+        return self.stages_dir / f"{name}.json"
+
+    def stage_records(self) -> list[Path]:
+        return sorted(self.stages_dir.glob("*.json"))
+
+    def video_cache_stats(self, chunk: Path) -> Path:
+        return self.path / "video_cache" / chunk.name
 
 
 def json_text(data: Any) -> str:
@@ -86,20 +167,25 @@ def json_text(data: Any) -> str:
     return text + "\n"
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_local_atomic(path: Path, chunks: Iterable[bytes]) -> None:
     """Readers never see a half-written file: write a temp file in the same folder, fsync, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o644)  # mkstemp makes 0600; outputs are read by other users (the UI, downstream DAGs)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(json_text(data))
+        with os.fdopen(fd, "wb") as handle:
+            for chunk in chunks:
+                handle.write(chunk)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_local_atomic(path, [json_text(data).encode("utf-8")])
 
 
 def read_json(path: Path) -> Any:

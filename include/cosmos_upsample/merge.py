@@ -3,26 +3,24 @@
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from include.cosmos_upsample.items import Item
-from include.cosmos_upsample.layout import LAST_ERROR_NAME, OutputLayout, write_json_atomic
-from include.cosmos_upsample.prompting import PROMPT_VERSION
-from include.cosmos_upsample.runners import worker_module
+from include.cosmos_upsample.jobformat import LAST_ERROR_NAME, Ledger, worker_holds
+from include.cosmos_upsample.layout import OutputLayout
 from include.cosmos_upsample.settings import Settings
 from include.cosmos_upsample.specs import SpecError, load_spec, upsampled_spec
+from include.cosmos_upsample.storage import path_from, write_json
 
 
 def ledger_results(job_dirs: list[Path]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """The last entry per item key across the jobs' ledgers (an `ok` is never replaced), and each job's error."""
-    ledger_class = worker_module().Ledger
     results: dict[str, dict[str, Any]] = {}
     job_errors: dict[str, str] = {}
     for job_dir in job_dirs:
-        for entry in ledger_class(job_dir / "ledger.jsonl").entries():
+        for entry in Ledger.of(job_dir).entries():
             if results.get(entry["key"], {}).get("status") != "ok":
                 results[entry["key"]] = entry
         error_file = job_dir / LAST_ERROR_NAME
@@ -38,7 +36,6 @@ def earlier_answers(layout: OutputLayout, item_keys: Iterable[str]) -> dict[str,
     next run packs the rest into a job of another name; without this it would pay the model for them again. A job
     whose worker still runs (its lock is held) is not split: the re-run gets the same job and waits for it.
     """
-    ledger_class = worker_module().Ledger
     answered: dict[str, str] = {}
     finished: dict[Path, set[str]] = {}
     for key in item_keys:
@@ -47,24 +44,10 @@ def earlier_answers(layout: OutputLayout, item_keys: Iterable[str]) -> dict[str,
         except OSError:
             continue
         if job_dir not in finished:
-            busy = _worker_holds(job_dir)
-            finished[job_dir] = set() if busy else ledger_class(job_dir / "ledger.jsonl").finished_keys()
+            finished[job_dir] = set() if worker_holds(job_dir) else Ledger.of(job_dir).finished_keys()
         if key in finished[job_dir]:
             answered[key] = str(job_dir)
     return answered
-
-
-def _worker_holds(job_dir: Path) -> bool:
-    lock_path = job_dir / worker_module().LOCK_NAME
-    if not lock_path.exists():
-        return False
-    with lock_path.open("a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(lock, fcntl.LOCK_UN)
-    return False
 
 
 def point_to_job(layout: OutputLayout, job_key: str, item_keys: Iterable[str]) -> None:
@@ -82,12 +65,12 @@ def provenance(item: Item, entry: dict[str, Any], settings: Settings, run_id: st
         "model": settings.model_id,
         "backend": settings.backend,
         "content_key": item.key,
-        "prompt_version": PROMPT_VERSION,
+        "prompt_format": {"name": settings.format.name, "version": settings.format.version},
         "tokens": {"prompt": item.tokens.prompt, "budget": item.tokens.budget,
-                   "engine_prompt": entry.get("prompt_tokens"), "completion": entry.get("completion_tokens")},
+                   "engine": entry.get("prompt_tokens"), "completion": entry.get("completion_tokens")},
         "hint": item.hint.model_dump(),
         "frames_sent": entry.get("frames_sent", 0),
-        "sampling": settings.sampling.model_dump(),
+        "sampling": settings.effective_sampling,
         "run_id": run_id,
         "source_path": item.source_path,
         "upsampled_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -99,16 +82,18 @@ def merge_item(item: Item, entry: dict[str, Any] | None, job_error: str | None, 
     """Write one output spec; whatever goes wrong becomes this item's `failed` reason, never the run's crash."""
     if entry is None or entry.get("status") != "ok":
         reason = (entry or {}).get("reason") or job_error or "the model job ended without an answer for this item"
-        return item.model_copy(update={"status": "failed", "reason": reason})
+        tokens = item.tokens.model_copy(update={"engine": (entry or {}).get("prompt_tokens")})
+        return item.model_copy(update={"status": "failed", "reason": reason, "tokens": tokens})
     output = layout.spec_path(item.spec_id)
     try:
-        spec = load_spec(Path(item.source_path))
-        write_json_atomic(output, upsampled_spec(spec, entry["text"], provenance(item, entry, settings, run_id)))
+        spec = load_spec(path_from(item.source_path))
+        write_json(output, upsampled_spec(spec, entry["text"], provenance(item, entry, settings, run_id)))
     except (OSError, SpecError) as exc:
         reason = (f"{Path(item.source_path).name}: could not write {output} ({exc}); free space or fix permissions "
                   "there, then re-run: the model's answer is kept and not paid again")
         return item.model_copy(update={"status": "failed", "reason": reason})
-    return item.model_copy(update={"status": "upsampled", "output_path": str(output),
+    tokens = item.tokens.model_copy(update={"engine": entry.get("prompt_tokens")})
+    return item.model_copy(update={"status": "upsampled", "output_path": str(output), "tokens": tokens,
                                    "upsampled_prompt": entry["text"], "frames_sent": entry.get("frames_sent", 0)})
 
 

@@ -1,19 +1,19 @@
-"""The run report: JSON (the interface in DESIGN.md) and a self-contained HTML page (Jinja2, autoescaped)."""
+"""The run report: JSON (report_model.RunReport, the interface in DESIGN.md) and a self-contained HTML page (Jinja2,
+autoescaped) to open from the output folder without Airflow."""
 
 from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from include.cosmos_upsample.errors import NotRetryable
 from include.cosmos_upsample.items import Item
-from include.cosmos_upsample.layout import OutputLayout, write_json_atomic
+from include.cosmos_upsample.layout import OutputLayout
+from include.cosmos_upsample.report_model import COUNT_KEYS, Counts, Resolved, RunReport, TokensEqual
 from include.cosmos_upsample.settings import Settings
 
-COUNT_KEYS = ("discovered", "upsampled", "cached", "invalid", "failed")
 TEMPLATES = Path(__file__).parent / "templates"
 
 
@@ -29,42 +29,50 @@ def count_items(items: list[Item]) -> dict[str, int]:
     return counts
 
 
+def tokens_equal(items: list[Item]) -> dict[str, int]:
+    """Items whose planned prompt count equals what the engine itself counted, out of those the engine counted."""
+    compared = [item for item in items if item.tokens.engine is not None]
+    return {"equal": sum(item.tokens.engine == item.tokens.prompt for item in compared), "compared": len(compared)}
+
+
 def build_report(
     *, run_id: str, dag_id: str, started_at: str, finished_at: str, settings: Settings, items: list[Item],
     stages: dict[str, float],
-) -> dict[str, Any]:
+) -> RunReport:
     counts = count_items(items)
-    return {
-        "run_id": run_id,
-        "dag_id": dag_id,
-        "started_at": started_at,
-        "finished_at": finished_at,
-        "params": settings.model_dump(mode="json"),
-        "counts": counts,
-        "items": [item.report_dict() for item in items],
-        "stages": {name: round(seconds, 3) for name, seconds in stages.items()},
-        "state": "failed" if failure_exceeded(counts, settings.max_failure_ratio) else "success",
-        "backend": settings.backend,
-        "model": settings.model_id,
-        "dry_run": settings.dry_run,
-    }
+    return RunReport(
+        run_id=run_id,
+        dag_id=dag_id,
+        started_at=started_at,
+        finished_at=finished_at,
+        params=settings.model_dump(mode="json"),
+        resolved=Resolved(prompt_format=settings.format.name, frame_sampling=settings.frames_from,
+                          sampling=settings.effective_sampling, engine=settings.engine_settings()),
+        counts=Counts(**counts),
+        tokens_equal=TokensEqual(**tokens_equal(items)),
+        items=[item.report_item() for item in items],
+        stages={name: round(seconds, 3) for name, seconds in stages.items()},
+        state="failed" if failure_exceeded(counts, settings.max_failure_ratio) else "success",
+        backend=settings.backend,
+        model=settings.model_id,
+        dry_run=settings.dry_run,
+    )
 
 
 def failure_exceeded(counts: dict[str, int], max_failure_ratio: float) -> bool:
     return bool(counts["discovered"]) and counts["failed"] / counts["discovered"] > max_failure_ratio
 
 
-def render_html(report: dict[str, Any]) -> str:
+def render_html(report: RunReport) -> str:
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "j2"]))
     return env.get_template("report.html.j2").render(report=report)
 
 
-def write_report(layout: OutputLayout, report: dict[str, Any]) -> tuple[Path, Path]:
-    json_path, html_path = layout.report_paths(report["run_id"])
-    write_json_atomic(json_path, report)
-    html_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = html_path.with_name(f".{html_path.name}.tmp")
-    # backslashreplace: a spec file name that is not UTF-8 shows as \\udcXX instead of failing the report.
-    tmp.write_text(render_html(report), encoding="utf-8", errors="backslashreplace")
-    tmp.replace(html_path)
+def write_report(layout: OutputLayout, report: RunReport) -> tuple[Path, Path]:
+    """Both files atomically: a temp file renamed into place, or the object store's transaction."""
+    from include.cosmos_upsample.storage import write_json, write_text_atomic
+
+    json_path, html_path = layout.report_paths(report.run_id)
+    write_json(json_path, report.to_json())
+    write_text_atomic(html_path, render_html(report))
     return json_path, html_path

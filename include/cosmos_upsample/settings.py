@@ -15,6 +15,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from include.cosmos_upsample.prompt_formats import (
+    DEFAULT_PROMPT_FORMAT,
+    PROMPT_FORMATS,
+    PromptFormat,
+    effective_sampling,
+)
+
 DAG_ID = "cosmos_prompt_upsample"
 ASSET_URI = "cosmos://upsampled-prompts"
 # XComs the UI plugin reads to find a run's files, whatever output_dir the run used.
@@ -24,6 +31,8 @@ REPORT_TASK_ID, REPORT_XCOM_KEY = "report", "report_location"
 GPU_POOL = "cosmos_gpu"
 VARIABLE_PREFIX = "cosmos_upsample_"
 ENV_PREFIX = "COSMOS_UPSAMPLE_"
+# The local runner's worker interpreter (setting `worker_python`), e.g. the separate vLLM environment `.venv-vllm`.
+WORKER_PYTHON_ENV = ENV_PREFIX + "WORKER_PYTHON"
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_INPUT_DIR = PROJECT_ROOT / "include" / "sample_data"
@@ -34,7 +43,6 @@ DEFAULT_MODELS = {
     "llama_cpp": "smollm2",
     "vllm": "nvidia/Cosmos-UpsamplePrompt1-12B-Transfer",
 }
-
 
 
 def local_model_path(model_id: str) -> str:
@@ -48,40 +56,118 @@ def local_model_path(model_id: str) -> str:
     return str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
+# Param sections of the trigger form, in the order they appear.
+DATA, COMPUTE, MODEL, HINT, ENGINE, RUN = "Data", "Compute", "Model", "Hint", "Engine (vLLM on GPU hosts)", "Run"
+
+
+def _field(default: Any = None, *, title: str, section: str | None, description: str, **constraints: Any) -> Any:
+    """A setting and its trigger-form Param in one place; `section=None` makes it a deployment-only setting
+    (Variable or environment), not a Param."""
+    extra = {"section": section} if section else {"param": False}
+    factory = {"default_factory": default} if callable(default) else {"default": default}
+    return Field(**factory, title=title, description=description, json_schema_extra=extra, **constraints)
+
+
 class Sampling(BaseModel):
+    """Left empty, a field takes the prompt format's default (prompt_formats.py), e.g. temperature 0.6 for the
+    Cosmos upsampler as NVIDIA runs it."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    temperature: float = Field(0.2, ge=0.0, le=2.0)
-    top_p: float = Field(0.9, gt=0.0, le=1.0)
-    # The small local model repeats itself at low temperature without a penalty.
-    repetition_penalty: float = Field(1.3, ge=1.0, le=2.0)
-    seed: int = 0
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, ge=1.0, le=2.0)
+    seed: int | None = None
 
 
 class Settings(BaseModel):
-    """Everything a run needs, validated once in `discover` and passed on through XCom as a dict."""
+    """Everything a run needs, validated once in `discover` and saved in the run folder. Each field is also the
+    DAG's Param of the same name (see `dag_params`), unless it is marked deployment-only."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    input_dir: str = str(SAMPLE_INPUT_DIR)
-    output_dir: str = str(DEFAULT_OUTPUT_DIR)
-    runner: Literal["local", "docker"] = "local"
-    gpu_conn_ids: list[str] = Field(default_factory=list)
-    backend: Literal["vllm", "llama_cpp"] = "llama_cpp"
-    model: str = ""
-    max_model_len: int = Field(4096, ge=256)
-    max_output_tokens: int = Field(300, ge=1)
-    num_frames: int = Field(2, ge=1, le=16)
-    hint_resolution: str = "auto"
-    batch_max_items: int = Field(128, ge=1)
-    force: bool = False
-    max_failure_ratio: float = Field(0.05, ge=0.0, le=1.0)
-    dry_run: bool = False
-    sampling: Sampling = Field(default_factory=Sampling)
-    # The worker image for runner `docker` and the model cache folder on the GPU hosts.
-    worker_image: str = "cosmos-upsampler:latest"
-    host_model_dir: str = "/var/lib/cosmos-upsampler/models"
-    host_work_dir: str = "/var/lib/cosmos-upsampler/jobs"
+    input_dir: str = _field(str(SAMPLE_INPUT_DIR), title="Input folder", section=DATA,
+                            description="Folder of PromptSpec files; videos resolve relative to it.")
+    output_dir: str = _field(str(DEFAULT_OUTPUT_DIR), title="Output folder", section=DATA,
+                             description="Where specs/, reports/, hints/, jobs/ and runs/ go.")
+    spec_pattern: str = _field("*.json", title="Spec files", section=DATA, pattern=r"^[^/]",
+                               description="Glob of spec files under the input folder; **/*.json for sub-folders.")
+    storage_conn_id: str = _field("", title="Storage connection", section=DATA,
+                                  description="Airflow connection for object-storage URLs in the input and output "
+                                              "folders (s3://bucket/prefix); empty: aws_default for s3://.")
+    work_dir: str = _field("", title="Work folder", section=DATA,
+                           description="Shared POSIX scratch with working flock: hint frames, job ledgers, locks, "
+                                       "run plans and the video cache. Empty: the output folder when it is local.")
+    runner: Literal["local", "docker"] = _field(
+        "local", title="Runner", section=COMPUTE,
+        description="local: the worker runs beside the task. docker: the worker image on GPU hosts over SSH.")
+    gpu_conn_ids: list[str] = _field(list, title="GPU hosts", section=COMPUTE,
+                                     description="SSH connection ids of the GPU hosts (runner docker).")
+    batch_max_items: int = _field(128, title="Prompts per job", section=COMPUTE, ge=1,
+                                  description="Most prompts per model job (one model load each).")
+    backend: Literal["vllm", "llama_cpp"] = _field(
+        "llama_cpp", title="Backend", section=MODEL,
+        description="vllm: the Pixtral-family VLM. llama_cpp: the small local text model.")
+    model: str = _field("", title="Model", section=MODEL,
+                        description="Model id or folder; the built-in choice is the backend's default model.")
+    prompt_format: Literal["cosmos_upsampler", "instruction"] | None = _field(
+        None, title="Prompt format", section=MODEL,
+        description="cosmos_upsampler: frames first, then the raw prompt, as NVIDIA runs the Cosmos upsampler. "
+                    "instruction: an instruction plus the prompt. Empty: cosmos_upsampler for vllm, instruction "
+                    "for llama_cpp.")
+    tokenizer: str = _field("", title="Planner tokenizer", section=MODEL,
+                            description="A tekken.json the token planner counts with; empty: the model folder's "
+                                        "own tekken.json if it has one, else mistral-common's Pixtral-12B one.")
+    max_model_len: int = _field(4096, title="Context length", section=MODEL, ge=256,
+                                description="The model's context in tokens.")
+    max_output_tokens: int = _field(300, title="Answer tokens", section=MODEL, ge=1,
+                                    description="Tokens reserved for the answer; the prompt budget is the rest.")
+    sampling: Sampling = _field(Sampling, title="Sampling", section=MODEL,
+                                description="temperature, top_p, repetition_penalty, seed; a field left out takes "
+                                            "the prompt format's default.")
+    num_frames: int = _field(2, title="Frames", section=HINT, ge=1, le=16,
+                             description="Hint frames shown to the model per prompt.")
+    hint_resolution: str = _field("auto", title="Hint size", section=HINT, pattern=r"^(auto|\d+x\d+)$",
+                                  description="auto: the largest size whose exact token count fits; or WxH.")
+    hint_source: Literal["auto", "input_video", "vis", "edge", "seg", "depth"] = _field(
+        "auto", title="Hint source", section=HINT,
+        description="Which video the frames come from. auto: the spec's control input vis, else edge, else "
+                    "seg/depth, else the input video (as cosmos-transfer1).")
+    frame_sampling: Literal["spread", "first"] | None = _field(
+        None, title="Frame sampling", section=HINT,
+        description="spread: over the clip. first: its first frames (as cosmos-transfer1). Empty: the prompt "
+                    "format's choice (first for cosmos_upsampler).")
+    gpu_memory_utilization: float = _field(0.9, title="GPU memory share", section=ENGINE, gt=0.0, le=1.0,
+                                           description="vLLM's gpu_memory_utilization.")
+    cpu_offload_gb: float = _field(0.0, title="CPU offload (GB)", section=ENGINE, ge=0.0,
+                                   description="Weights kept in CPU memory, for GPUs too small for the model.")
+    max_num_seqs: int = _field(64, title="Concurrent requests", section=ENGINE, ge=1,
+                               description="vLLM's max_num_seqs per engine.")
+    enable_prefix_caching: bool = _field(True, title="Prefix caching", section=ENGINE,
+                                         description="vLLM's automatic prefix caching (on upstream).")
+    quantization: str = _field("", title="Quantization", section=ENGINE,
+                               description="vLLM quantization, e.g. fp8 where the GPU supports it; empty: none.")
+    force: bool = _field(False, title="Force", section=RUN,
+                         description="Upsample again even if an up-to-date result exists.")
+    max_failure_ratio: float = _field(0.05, title="Failure ratio", section=RUN, ge=0.0, le=1.0,
+                                      description="The run fails when more than this share of specs failed.")
+    dry_run: bool = _field(False, title="Dry run", section=RUN,
+                           description="Plan only: validate, count tokens, batch, report; no model.")
+    # Deployment-only settings (Variables or environment): the worker image and folders on the GPU hosts, and
+    # the interpreter of the local runner's worker (e.g. a separate vLLM environment).
+    worker_image: str = _field("cosmos-upsampler:latest", title="Worker image", section=None,
+                               description="The worker image run on GPU hosts.")
+    host_model_dir: str = _field("/var/lib/cosmos-upsampler/models", title="Model folder on GPU hosts",
+                                 section=None, description="Mounted read-only at /models.")
+    host_work_dir: str = _field("/var/lib/cosmos-upsampler/jobs", title="Job folder on GPU hosts", section=None,
+                                description="Mounted at /work.")
+    ledger_sync_seconds: float = _field(10.0, title="Ledger copy interval", section=None, ge=0.1,
+                                        description="Seconds between copies of a running GPU job's ledger.")
+    worker_python: str = _field("", title="Local worker interpreter", section=None,
+                                description="Python that runs the worker for runner local; empty: Airflow's.")
+    video_cache_gb: float = _field(20.0, title="Video cache size (GB)", section=None, ge=0.0,
+                                   description="Cap of work_dir/cache/videos, the videos fetched from object storage; "
+                                               "least recently used ones are evicted above it.")
 
     @field_validator("hint_resolution")
     @classmethod
@@ -90,9 +176,16 @@ class Settings(BaseModel):
             parse_resolution(value)
         return value
 
-    @field_validator("model")
+    @field_validator("spec_pattern")
     @classmethod
-    def _strip_model(cls, value: str) -> str:
+    def _pattern_stays_inside(cls, value: str) -> str:
+        if ".." in Path(value).parts:
+            raise ValueError(f"spec_pattern {value!r} may not contain '..': spec files must be inside input_dir")
+        return value
+
+    @field_validator("model", "tokenizer", "worker_python", "quantization", "storage_conn_id", "work_dir")
+    @classmethod
+    def _strip(cls, value: str) -> str:
         return value.strip()
 
     @model_validator(mode="after")
@@ -109,6 +202,24 @@ class Settings(BaseModel):
     def token_budget(self) -> int:
         return self.max_model_len - self.max_output_tokens
 
+    @property
+    def format(self) -> PromptFormat:
+        return PROMPT_FORMATS[self.prompt_format or DEFAULT_PROMPT_FORMAT[self.backend]]
+
+    @property
+    def frames_from(self) -> str:
+        return self.frame_sampling or self.format.frame_sampling
+
+    @property
+    def effective_sampling(self) -> dict[str, Any]:
+        return effective_sampling(self.format.name, self.backend, self.sampling.model_dump())
+
+    def engine_settings(self) -> dict[str, Any]:
+        """What the vLLM engine is built with besides the model and context; recorded in each job's manifest."""
+        return {"gpu_memory_utilization": self.gpu_memory_utilization, "cpu_offload_gb": self.cpu_offload_gb,
+                "max_num_seqs": self.max_num_seqs, "enable_prefix_caching": self.enable_prefix_caching,
+                "quantization": self.quantization or None}
+
     def fingerprint(self) -> str:
         """What changes the model's answer: part of every content key, so a change re-upsamples."""
         relevant = {
@@ -118,9 +229,41 @@ class Settings(BaseModel):
             "max_output_tokens": self.max_output_tokens,
             "num_frames": self.num_frames,
             "hint_resolution": self.hint_resolution,
-            "sampling": self.sampling.model_dump(),
+            "hint_source": self.hint_source,
+            "frame_sampling": self.frames_from,
+            "prompt_format": [self.format.name, self.format.version],
+            "sampling": self.effective_sampling,
+            "quantization": self.quantization,
         }
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _param_schema(name: str, prop: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """A field's JSON schema as a nullable Param schema: empty means 'the deployment default'."""
+    prop = dict(prop)
+    branches = [branch for branch in prop.pop("anyOf", [prop]) if branch.get("type") != "null"]
+    schema = {**prop, **branches[0]}
+    if "$ref" in schema:
+        reference = schema.pop("$ref").split("/")[-1]
+        schema = {**schema, **{key: value for key, value in defs[reference].items() if key != "description"}}
+    default = Settings.model_fields[name].get_default(call_default_factory=True)
+    shown = default.model_dump(exclude_none=True) if isinstance(default, BaseModel) else default
+    built_in = json.dumps(shown) if shown not in ("", None) else "the built-in choice above"
+    fallback = f" Empty: Variable {VARIABLE_PREFIX}{name}, else env {ENV_PREFIX}{name.upper()}, else {built_in}."
+    schema["description"] = prop.get("description", "") + fallback
+    schema["type"] = [schema["type"], "null"]
+    if "enum" in schema:
+        schema["enum"] = [*schema["enum"], None]
+    for unused in ("default", "additionalProperties"):
+        schema.pop(unused, None)
+    return schema
+
+
+def param_schemas() -> dict[str, dict[str, Any]]:
+    """The trigger form's Params, generated from `Settings` (types, bounds, enums, sections, descriptions)."""
+    schema = Settings.model_json_schema()
+    return {name: _param_schema(name, prop, schema.get("$defs", {})) for name, prop in schema["properties"].items()
+            if prop.get("param", True)}
 
 
 def parse_resolution(value: str) -> tuple[int, int]:
@@ -135,14 +278,15 @@ def parse_resolution(value: str) -> tuple[int, int]:
 
 
 def _coerce_text(name: str, raw: str) -> Any:
-    """Variables and environment variables are strings; JSON gives lists, numbers and booleans their type."""
-    if name in {"input_dir", "output_dir", "runner", "backend", "model", "hint_resolution", "worker_image",
-                "host_model_dir", "host_work_dir"}:
+    """Variables and environment variables are strings: a string field takes them as they are; any other field
+    reads them as JSON (lists, numbers, booleans, objects), and a list also as comma-separated words. Pydantic then
+    validates the result like a Param's value."""
+    if Settings.model_fields[name].annotation is str:
         return raw
     try:
         return json.loads(raw)
     except json.JSONDecodeError:
-        if name == "gpu_conn_ids":
+        if Settings.model_fields[name].annotation == list[str]:
             return [part.strip() for part in raw.split(",") if part.strip()]
         return raw
 

@@ -1,7 +1,8 @@
 """Shared storage, checked: every task of a run must see the run folder that `discover` wrote.
 
-With several Airflow workers (Celery, Kubernetes) the stages hand each other files under `output_dir` (runs/, jobs/,
-hints/), so that folder must be one POSIX file system every worker mounts, with working `flock` (job locks). A
+With several Airflow workers (Celery, Kubernetes) the stages hand each other files under `work_dir` (runs/, jobs/,
+hints/; by default `output_dir`), so that folder must be one POSIX file system every worker mounts, with working
+`flock` (job locks). A
 worker that does not see it would otherwise fail later with a confusing "file not found", or, worse, redo and pay
 for finished work. So `discover` writes a marker into the run folder, and every later task looks for it before
 doing anything and fails at once, without retries (another try on the same worker cannot see it either).
@@ -22,7 +23,7 @@ MARKER_NAME = ".shared-marker"
 
 
 class SharedStorageError(NotRetryable):
-    """This worker does not see the run folder written by `discover`: `output_dir` is not shared storage."""
+    """This worker does not see the run folder written by `discover`: `work_dir` is not shared storage."""
 
 
 def marker_record(host: str, pid: int, now: dt.datetime) -> dict[str, object]:
@@ -33,8 +34,8 @@ def missing_message(run_dir: Path, host: str) -> str:
     return (
         f"shared storage: the run folder {run_dir} has no {MARKER_NAME} as seen from host {host!r}. The discover "
         "task wrote it on the worker that ran it, so this worker does not share that storage. Every Airflow worker "
-        "must mount the same output_dir (runs/, jobs/, hints/) as one POSIX file system with working flock; see "
-        "README, 'Shared storage'."
+        "must mount the same work_dir (runs/, jobs/, hints/; by default output_dir) as one POSIX file system with "
+        "working flock; see README, 'Shared storage'."
     )
 
 

@@ -82,7 +82,10 @@ def is_within(path: Path, folder: Path) -> bool:
 
 
 def check_spec_file(path: Path, input_dir: Path) -> None:
-    """A spec file that is a symlink leading out of input_dir is refused before it is read."""
+    """A spec file that is a symlink leading out of input_dir is refused before it is read. (Object storage has no
+    symlinks; its spec keys come from listing input_dir's prefix.)"""
+    if "://" in str(path):
+        return
     if not is_within(Path(os.path.realpath(path)), Path(input_dir).resolve()):
         raise SpecError(f"{path.name}: is a symlink to a file outside input_dir; copy the spec into input_dir")
 
@@ -91,27 +94,45 @@ def resolve_video(spec: PromptSpec, spec_path: Path, input_dir: Path) -> Path:
     """The spec's video as a real path inside input_dir; symlinks and '..' that leave it are refused."""
     if not spec.input_video_path:
         raise SpecError(f"{spec_path.name}: no input_video_path; add the path of the prompt's video")
+    return resolve_input_file(spec.input_video_path, "input_video_path", "video", spec_path, input_dir)
+
+
+def resolve_input_file(raw: str, field: str, noun: str, spec_path: Path, input_dir: Path) -> Path:
+    """A file a spec names (its video, a control video) as a real path inside input_dir: relative paths start at
+    input_dir; symlinks and '..' that leave it are refused. `field` and `noun` name it in the reason, e.g.
+    ("control_inputs.depth", "control video"). A spec in a sub-folder (spec_pattern **/*.json) may also name a file
+    next to itself: that is tried first. On object storage the same rules hold for keys (storage.resolve_object)."""
+    if "://" in str(input_dir):
+        from include.cosmos_upsample.storage import resolve_object
+
+        return resolve_object(raw, field, noun, spec_path, input_dir)
     root = input_dir.resolve()
-    candidate = Path(spec.input_video_path)
+    candidate = Path(raw)
     if not candidate.is_absolute():
         candidate = root / candidate
     real = Path(os.path.realpath(candidate))
+    beside = Path(os.path.realpath(spec_path.parent / raw))
+    if beside != real and is_within(beside, root) and beside.is_file():
+        real = beside
     if not is_within(real, root):
         raise SpecError(
-            f"{spec_path.name}: input_video_path {spec.input_video_path!r} leaves input_dir {str(root)!r}; "
-            "keep videos inside input_dir"
+            f"{spec_path.name}: {field} {raw!r} leaves input_dir {str(root)!r}; keep videos inside input_dir"
         )
     if not real.exists():
-        raise SpecError(f"{spec_path.name}: video {spec.input_video_path!r} not found under input_dir")
+        raise SpecError(f"{spec_path.name}: {noun} {raw!r} not found under input_dir; fix {field} or add the file")
     if not real.is_file():
-        raise SpecError(f"{spec_path.name}: video {spec.input_video_path!r} is not a regular file")
+        raise SpecError(f"{spec_path.name}: {noun} {raw!r} ({field}) is not a regular file")
     if real.stat().st_size == 0:
-        raise SpecError(f"{spec_path.name}: video {spec.input_video_path!r} is empty (0 bytes); replace it")
+        raise SpecError(f"{spec_path.name}: {noun} {raw!r} ({field}) is empty (0 bytes); replace it")
     return real
 
 
 def file_identity(path: Path) -> str:
-    """Cheap identity of a (possibly large) file: a changed video gets a new size or mtime."""
+    """Cheap identity of a (possibly large) file: a changed video gets a new size or mtime (an object: its ETag)."""
+    if "://" in str(path):
+        from include.cosmos_upsample.storage import object_identity
+
+        return object_identity(path)
     stat = path.stat()
     return f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
 

@@ -1,7 +1,8 @@
 """The six stages of the DAG, one function each; the DAG's tasks are one call to these.
 
 Stages hand each other small dicts (settings, paths) through XCom; items travel as JSON files in the run folder
-(see layout.py), so XCom never carries frames, videos or thousands of records.
+(layout.RunFolder), so XCom never carries frames, videos or thousands of records. discover makes the run folder and
+every later stage is given its path (`run_dir`) by the DAG.
 """
 
 from __future__ import annotations
@@ -14,39 +15,38 @@ from pathlib import Path
 from typing import Any
 
 from include.cosmos_upsample.batching import VALIDATE_CHUNK_SIZE, chunk_evenly, plan_jobs
+from include.cosmos_upsample.gpu_slots import all_slots, engine_for
+from include.cosmos_upsample.hints import inputs_identity
 from include.cosmos_upsample.items import Item, Tokens, failed_item, invalid_item, load_items, save_items
-from include.cosmos_upsample.layout import LAST_ERROR_NAME, OutputLayout, read_json, write_json_atomic
+from include.cosmos_upsample.jobformat import LAST_ERROR_NAME, MANIFEST_NAME, Job, JobItem
+from include.cosmos_upsample.layout import OutputLayout, RunFolder, read_json, write_json_atomic
 from include.cosmos_upsample.settings import Settings, local_model_path, resolve_settings
 from include.cosmos_upsample.shared_storage import require_shared, write_marker
 from include.cosmos_upsample.specs import (
     SpecError,
     check_spec_file,
     content_key,
-    file_identity,
     load_spec,
-    resolve_video,
 )
+from include.cosmos_upsample.storage import list_specs, output_layout, path_from, root_of, work_dir_for
 
 log = logging.getLogger(__name__)
 
-SETTINGS_NAME = "settings.json"
-PLAN_NAME = "plan.json"
-MERGED_NAME = "merged.json"
-DISCOVERED_NAME = "discovered.json"
+# What the report task's Asset event carries: a downstream DAG reads the specs from `specs_dir`.
+ASSET_EXTRA_KEYS = ("output_dir", "specs_dir", "storage_conn_id", "report_json", "counts")
 
 
 @contextmanager
-def timed_stage(run_dir: Path, stage: str, index: int | None = None):
+def timed_stage(run: RunFolder, stage: str, index: int | None = None):
     """Record a stage's seconds of work in the run folder; the report sums them per stage."""
     started = time.monotonic()
     yield
-    name = stage if index is None else f"{stage}-{index:04d}"
-    write_json_atomic(run_dir / "stages" / f"{name}.json", {"stage": stage, "seconds": time.monotonic() - started})
+    write_json_atomic(run.stage_record(stage, index), {"stage": stage, "seconds": time.monotonic() - started})
 
 
-def stage_seconds(run_dir: Path) -> dict[str, float]:
+def stage_seconds(run: RunFolder) -> dict[str, float]:
     totals: dict[str, float] = {}
-    for path in sorted((run_dir / "stages").glob("*.json")):
+    for path in run.stage_records():
         record = read_json(path)
         totals[record["stage"]] = totals.get(record["stage"], 0.0) + record["seconds"]
     return totals
@@ -70,7 +70,7 @@ def _cached_item(source: Path, spec_id: str, key: str, layout: OutputLayout, bud
 
 def classify(sources: list[Path], settings: Settings, layout: OutputLayout) -> tuple[list[Item], list[dict]]:
     """Split discovered files into final items (cached, duplicate ids) and entries still to validate."""
-    input_dir, budget = Path(settings.input_dir), settings.token_budget
+    input_dir, budget = path_from(settings.input_dir), settings.token_budget
     finals: list[Item] = []
     pending: list[dict] = []
     owners: dict[str, Path] = {}
@@ -88,7 +88,7 @@ def classify(sources: list[Path], settings: Settings, layout: OutputLayout) -> t
             continue
         owners[spec.id] = source
         try:
-            video_identity = file_identity(resolve_video(spec, source, input_dir))
+            video_identity = inputs_identity(spec, source, input_dir, settings.hint_source)
         except (SpecError, OSError):
             video_identity = "no-video"
         key = content_key(source.read_bytes(), video_identity, settings.fingerprint())
@@ -100,114 +100,144 @@ def classify(sources: list[Path], settings: Settings, layout: OutputLayout) -> t
     return finals, pending
 
 
-def load_settings(run_dir: Path) -> Settings:
+def load_settings(run: RunFolder) -> Settings:
     """Settings are resolved once, by discover, and read back from the run folder by every later stage."""
-    return Settings.model_validate(read_json(run_dir / SETTINGS_NAME))
-
-
-def run_dir_of(chunk_path: str) -> Path:
-    """runs/<run_id>/chunks/chunk-0000.json (or validated/...) -> runs/<run_id>"""
-    return Path(chunk_path).parent.parent
+    return Settings.model_validate(read_json(run.settings))
 
 
 def discover(params: Mapping[str, Any], run_id: str, variable_get: Callable[[str], str | None],
              environ: Mapping[str, str]) -> tuple[Path, list[str]]:
     """Resolve the settings, list the specs, set cached ones aside; returns the run folder and the chunk files."""
     settings = resolve_settings(params, variable_get, environ)
-    layout = OutputLayout.at(settings.output_dir)
-    input_dir = Path(settings.input_dir).expanduser().resolve()
+    input_dir = root_of(settings.input_dir, settings.storage_conn_id)
+    output_dir = root_of(settings.output_dir, settings.storage_conn_id)
+    layout = OutputLayout.at(work_dir_for(settings.work_dir, str(output_dir)))  # scratch: runs/, hints/, jobs/
     if not input_dir.is_dir():
         raise FileNotFoundError(
             f"input_dir {str(input_dir)!r} is not a folder; set the input_dir Param, the Airflow Variable "
             "cosmos_upsample_input_dir or COSMOS_UPSAMPLE_INPUT_DIR to the folder holding the *.json specs"
         )
-    settings = settings.model_copy(update={"input_dir": str(input_dir), "output_dir": str(layout.root)})
-    run_dir = layout.run_dir(run_id)
-    write_marker(run_dir)
-    with timed_stage(run_dir, "discover"):
-        write_json_atomic(run_dir / SETTINGS_NAME, settings.model_dump(mode="json"))
-        sources = sorted(path for path in input_dir.glob("*.json") if path.is_file())
-        finals, pending = classify(sources, settings, layout)
-        save_items(run_dir / DISCOVERED_NAME, finals)
+    settings = settings.model_copy(update={"input_dir": str(input_dir), "output_dir": str(output_dir),
+                                           "work_dir": str(layout.root)})
+    run = layout.run_folder(run_id)
+    write_marker(run.path)
+    with timed_stage(run, "discover"):
+        write_json_atomic(run.settings, settings.model_dump(mode="json"))
+        sources = list_specs(input_dir, settings.spec_pattern)
+        finals, pending = classify(sources, settings, output_layout(settings.output_dir))
+        save_items(run.discovered, finals)
         # Always one chunk at least, so the mapped validation (and what follows) runs even with nothing to do.
         chunks = chunk_evenly(pending, VALIDATE_CHUNK_SIZE) or [[]]
         chunk_paths = []
         for index, chunk in enumerate(chunks):
-            path = run_dir / "chunks" / f"chunk-{index:04d}.json"
+            path = run.chunk(index)
             write_json_atomic(path, chunk)
             chunk_paths.append(str(path))
     log.info("discovered %d spec files in %s: %d cached or duplicate, %d to validate in %d chunks",
              len(sources), input_dir, len(finals), len(pending), len(chunk_paths))
-    return run_dir, chunk_paths
+    return run.path, chunk_paths
 
 
-def validate_chunk(chunk_path: str) -> str:
+def output_location(settings: Settings) -> dict[str, str]:
+    """Where the run's results are, for the Asset event and the UI: plain URLs plus the connection to read them."""
+    from include.cosmos_upsample.storage import clean_url
+
+    root = path_from(settings.output_dir)
+    return {"output_dir": clean_url(root), "specs_dir": clean_url(output_layout(settings.output_dir).specs_dir),
+            "storage_conn_id": getattr(root, "conn_id", None) or ""}
+
+
+def validate_chunk(run_dir: str | Path, chunk_path: str) -> str:
+    from include.cosmos_upsample.storage import is_url, video_cache
     from include.cosmos_upsample.validate import validate_entries
 
-    chunk, run_dir = Path(chunk_path), run_dir_of(chunk_path)
-    require_shared(run_dir)
-    settings = load_settings(run_dir)
-    out = run_dir / "validated" / chunk.name
-    with timed_stage(run_dir, "validate", int(chunk.stem.split("-")[-1])):
-        items = validate_entries(read_json(chunk), settings, OutputLayout.at(settings.output_dir))
+    run, chunk = RunFolder.at(run_dir), Path(chunk_path)
+    require_shared(run.path)
+    settings = load_settings(run)
+    out = run.validated(chunk)
+    # Videos in object storage are fetched once into work_dir's cache; its hits and downloads are kept per chunk.
+    videos = video_cache(settings.work_dir, settings.video_cache_gb) if is_url(settings.input_dir) else None
+    with timed_stage(run, "validate", RunFolder.chunk_index(chunk)):
+        items = validate_entries(read_json(chunk), settings, OutputLayout.at(settings.work_dir), videos=videos)
         save_items(out, items)
+    if videos is not None:
+        write_json_atomic(run.video_cache_stats(chunk), videos.stats.as_dict())
+        log.info("%s: video cache %s", chunk.name, videos.stats.as_dict())
     invalid = sum(item.status == "invalid" for item in items)
     log.info("%s: %d valid, %d invalid", chunk.name, len(items) - invalid, invalid)
     return str(out)
 
 
-def _all_items(run_dir: Path) -> list[Item]:
-    items = load_items(run_dir / DISCOVERED_NAME)
-    for path in sorted((run_dir / "validated").glob("*.json")):
+def _all_items(run: RunFolder) -> list[Item]:
+    items = load_items(run.discovered)
+    for path in run.validated_files():
         items.extend(load_items(path))
-    items.extend(_unvalidated(run_dir))
+    items.extend(_unvalidated(run))
     return sorted(items, key=lambda item: item.source_path)
 
 
-def _unvalidated(run_dir: Path) -> list[Item]:
+def _unvalidated(run: RunFolder) -> list[Item]:
     """The specs of a chunk whose validate task failed for good: reported as failed, never silently dropped."""
-    budget, missing = load_settings(run_dir).token_budget, []
-    for chunk in sorted((run_dir / "chunks").glob("*.json")):
-        if not (run_dir / "validated" / chunk.name).exists():
-            missing.extend(failed_item(Path(entry["source_path"]), (
+    budget, missing = load_settings(run).token_budget, []
+    for chunk in run.chunks():
+        if not run.validated(chunk).exists():
+            missing.extend(failed_item(path_from(entry["source_path"]), (
                 f"{Path(entry['source_path']).name}: its validation ({chunk.stem}) did not finish; see that "
                 "validate task's log, then re-run"), budget) for entry in read_json(chunk))
     return missing
 
 
-def batch(validated: list[str]) -> list[dict[str, Any]]:
-    """Write one manifest per model job; returns the jobs to map over (at least one, maybe empty)."""
-    from include.cosmos_upsample.merge import earlier_answers, point_to_job
+def batch(run_dir: str | Path, validated: list[str]) -> list[dict[str, Any]]:
+    """Write one manifest per model job; returns the jobs to map over (at least one, maybe empty).
 
-    run = run_dir_of(validated[0])
-    require_shared(run)
+    `validated` (the validate tasks' outputs) is what makes batch wait for them; the items are read from `run_dir`.
+    """
+    from include.cosmos_upsample.merge import earlier_answers, point_to_job
+    from include.cosmos_upsample.tokens import planner_tokenizer
+
+    run = RunFolder.at(run_dir)
+    require_shared(run.path)
     settings = load_settings(run)
-    layout = OutputLayout.at(settings.output_dir)
+    layout = OutputLayout.at(settings.work_dir)
     with timed_stage(run, "batch"):
         valid = {item.key: item for item in _all_items(run) if item.status == "valid"}
         answered = {} if settings.dry_run else earlier_answers(layout, valid)
-        plans = plan_jobs([key for key in valid if key not in answered], settings.batch_max_items,
-                          settings.gpu_conn_ids, settings.fingerprint())
+        hosts, pinned = _gpu_hosts_and_live_jobs(settings, layout, valid)
+        slots = all_slots(hosts)
+        plans = plan_jobs([key for key in valid if key not in answered], settings.batch_max_items, slots,
+                          settings.fingerprint(), pinned)
         jobs = []
         for plan in plans:
             job_dir = layout.job_dir(plan.job_key)
-            manifest = {
-                "job_key": plan.job_key, "backend": settings.backend, "model": _worker_model(settings),
-                "max_model_len": settings.max_model_len, "max_output_tokens": settings.max_output_tokens,
-                "sampling": settings.sampling.model_dump(),
-                "items": [{"key": key, "spec_id": valid[key].spec_id, "text": valid[key].text,
-                           "frames": valid[key].frame_paths if settings.backend == "vllm" else []}
-                          for key in plan.item_keys],
-            }
+            job = Job(
+                job_key=plan.job_key, backend=settings.backend, model=_worker_model(settings),
+                max_model_len=settings.max_model_len, max_output_tokens=settings.max_output_tokens,
+                prompt_format=settings.format.name, sampling=settings.effective_sampling,
+                engine={**settings.engine_settings(), **engine_for(slots, plan.conn_id, plan.slot, settings.backend)},
+                planner_tokenizer=planner_tokenizer(settings),
+                items=tuple(JobItem(key, valid[key].spec_id, valid[key].text,
+                                    tuple(valid[key].frame_paths) if settings.backend == "vllm" else (),
+                                    planned_tokens=valid[key].tokens.prompt) for key in plan.item_keys),
+            )
             if not settings.dry_run:
-                write_json_atomic(job_dir / "manifest.json", manifest)
+                write_json_atomic(job_dir / MANIFEST_NAME, job.to_manifest())
                 point_to_job(layout, plan.job_key, plan.item_keys)
             jobs.append({"job_key": plan.job_key, "job_dir": str(job_dir), "conn_id": plan.conn_id,
-                         "items": len(plan.item_keys), "run_dir": str(run)})
-        write_json_atomic(run / PLAN_NAME, {"jobs": jobs, "answered": answered})
+                         "slot": plan.slot, "items": len(plan.item_keys)})
+        write_json_atomic(run.plan, {"jobs": jobs, "answered": answered})
     log.info("%d valid items (%d answered by earlier jobs) in %d job(s) of at most %d", len(valid), len(answered),
              len(jobs), settings.batch_max_items)
-    return jobs or [{"job_key": None, "job_dir": None, "conn_id": None, "items": 0, "run_dir": str(run)}]
+    return jobs or [{"job_key": None, "job_dir": None, "conn_id": None, "items": 0}]
+
+
+def _gpu_hosts_and_live_jobs(settings: Settings, layout: OutputLayout, valid: Mapping[str, Item]):
+    """The GPU hosts' slots, and the jobs of these items whose container still runs (kept whole by plan_jobs)."""
+    if settings.runner != "docker":
+        return [], []
+    from include.cosmos_upsample.remote import gpu_hosts, live_remote_jobs
+
+    pinned = [] if settings.dry_run else live_remote_jobs(layout, settings, valid)
+    return gpu_hosts(settings.gpu_conn_ids), pinned
 
 
 def _worker_model(settings: Settings) -> str:
@@ -216,20 +246,20 @@ def _worker_model(settings: Settings) -> str:
     return settings.model_id
 
 
-def upsample(job: dict[str, Any], map_index: int, context: Mapping[str, Any]) -> dict[str, Any]:
-    run_dir = Path(job["run_dir"])
-    require_shared(run_dir)
-    settings = load_settings(run_dir)
+def upsample(run_dir: str | Path, job: dict[str, Any], map_index: int, context: Mapping[str, Any]) -> dict[str, Any]:
+    run = RunFolder.at(run_dir)
+    require_shared(run.path)
+    settings = load_settings(run)
     if settings.dry_run or not job["job_key"]:
         log.info("nothing to send to a model (%s)", "dry run" if settings.dry_run else "no valid items")
         return {"job_key": job["job_key"], "ran": False}
     job_dir = Path(job["job_dir"])
-    with timed_stage(run_dir, "upsample", map_index):
+    with timed_stage(run, "upsample", map_index):
         try:
             if settings.runner == "local":
                 from include.cosmos_upsample.runners import run_local_job
 
-                run_local_job(job_dir)
+                run_local_job(job_dir, settings.worker_python)
             else:
                 from include.cosmos_upsample.remote import run_docker_job
 
@@ -242,46 +272,46 @@ def upsample(job: dict[str, Any], map_index: int, context: Mapping[str, Any]) ->
     return {"job_key": job["job_key"], "ran": True}
 
 
-def merge(run_dir: str, run_id: str) -> str:
+def merge(run_dir: str | Path, run_id: str) -> str:
     from include.cosmos_upsample.merge import merge_items
 
-    run = Path(run_dir)
-    require_shared(run)
+    run = RunFolder.at(run_dir)
+    require_shared(run.path)
     settings = load_settings(run)
-    layout = OutputLayout.at(settings.output_dir)
     with timed_stage(run, "merge"):
-        plan = read_json(run / PLAN_NAME) if (run / PLAN_NAME).exists() else {"jobs": []}
+        plan = read_json(run.plan) if run.plan.exists() else {"jobs": []}
         job_dirs = {key: Path(job_dir) for key, job_dir in plan.get("answered", {}).items()}
         for job in plan["jobs"]:
-            manifest = Path(job["job_dir"]) / "manifest.json"
-            if manifest.exists():
-                job_dirs.update({item["key"]: manifest.parent for item in read_json(manifest)["items"]})
-        items = merge_items(_all_items(run), job_dirs, layout, settings, run_id)
-        save_items(run / MERGED_NAME, items)
-    return str(run / MERGED_NAME)
+            job_dir = Path(job["job_dir"])
+            if (job_dir / MANIFEST_NAME).exists():
+                job_dirs.update({item.key: job_dir for item in Job.read(job_dir).items})
+        items = merge_items(_all_items(run), job_dirs, output_layout(settings.output_dir), settings, run_id)
+        save_items(run.merged, items)
+    return str(run.merged)
 
 
-def report(run_dir: str, run_id: str, dag_id: str, started_at: str,
+def report(run_dir: str | Path, run_id: str, dag_id: str, started_at: str,
            publish: Callable[[dict], None] = lambda _location: None) -> dict[str, Any]:
     """Write the report; `publish` records where it is (the UI finds it there) even when the run then fails."""
     import datetime as dt
 
     from include.cosmos_upsample.report import TooManyFailures, build_report, failure_exceeded, write_report
 
-    run = Path(run_dir)
-    require_shared(run)
+    run = RunFolder.at(run_dir)
+    require_shared(run.path)
     settings = load_settings(run)
     with timed_stage(run, "report"):
-        items = load_items(run / MERGED_NAME)
+        items = load_items(run.merged)
     finished_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     content = build_report(run_id=run_id, dag_id=dag_id, started_at=started_at, finished_at=finished_at,
                            settings=settings, items=items, stages=stage_seconds(run))
-    json_path, html_path = write_report(OutputLayout.at(settings.output_dir), content)
-    location = {"report_json": str(json_path), "report_html": str(html_path), "counts": content["counts"]}
+    json_path, html_path = write_report(output_layout(settings.output_dir), content)
+    counts = content.counts.as_dict()
+    location = {"report_json": str(json_path), "report_html": str(html_path), "counts": counts,
+                **output_location(settings)}
     publish(location)
-    log.info("report: %s (%s); counts %s", json_path, html_path, content["counts"])
-    if failure_exceeded(content["counts"], settings.max_failure_ratio):
-        counts = content["counts"]
+    log.info("report: %s (%s); counts %s", json_path, html_path, counts)
+    if failure_exceeded(counts, settings.max_failure_ratio):
         raise TooManyFailures(
             f"{counts['failed']} of {counts['discovered']} specs failed, more than max_failure_ratio="
             f"{settings.max_failure_ratio}; see {html_path}"

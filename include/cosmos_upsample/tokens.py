@@ -13,7 +13,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from include.cosmos_upsample.settings import Settings
 
 # mistral-common scales any image whose longer side exceeds this; larger hints only cost pixels.
 PIXTRAL_MAX_IMAGE_SIDE = 1024
@@ -88,18 +92,22 @@ def fit_hint(counter: TokenCounter, text: str, src_width: int, src_height: int, 
 
 
 class PixtralCounter:
-    """Counts a Pixtral chat request exactly as mistral-common encodes it."""
+    """Counts a Pixtral chat request exactly as mistral-common encodes it (what vLLM runs with
+    tokenizer_mode="mistral"): the text and the images in the prompt format's order."""
 
-    def __init__(self) -> None:
+    def __init__(self, tokenizer_file: str | None = None, images_first: bool = False) -> None:
         from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-        self._tokenizer = MistralTokenizer.v3(is_tekken=True, is_mm=True)
+        self._tokenizer = (MistralTokenizer.from_file(tokenizer_file) if tokenizer_file
+                           else MistralTokenizer.v3(is_tekken=True, is_mm=True))
+        self.images_first = images_first
 
     def encode(self, text: str, width: int, height: int, frames: int) -> list[int]:
         from mistral_common.protocol.instruct.messages import ImageChunk, TextChunk, UserMessage
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
-        chunks = [TextChunk(text=text)] + [ImageChunk(image=_blank_image(width, height))] * frames
+        images = [ImageChunk(image=_blank_image(width, height))] * frames
+        chunks = [*images, TextChunk(text=text)] if self.images_first else [TextChunk(text=text), *images]
         request = ChatCompletionRequest(messages=[UserMessage(content=chunks)])
         return self._tokenizer.encode_chat_completion(request).tokens
 
@@ -108,6 +116,26 @@ class PixtralCounter:
 
     def image_tokens(self, width: int, height: int) -> int:
         return _pixtral_image_tokens(self, width, height)
+
+
+def planner_tokenizer_file(settings: Settings) -> str | None:
+    """The `tokenizer` setting, else the model folder's own tekken.json, else None (mistral-common's bundled
+    Pixtral-12B-2409 tokenizer, which nvidia/Cosmos-UpsamplePrompt1-12B-Transfer was fine-tuned from)."""
+    if settings.tokenizer:
+        return settings.tokenizer
+    own = Path(settings.model_id).expanduser() / "tekken.json"
+    return str(own) if own.is_file() else None
+
+
+def planner_tokenizer(settings: Settings) -> str:
+    """A name for the planner's tokenizer, for the worker's error when the engine counts differently."""
+    return planner_tokenizer_file(settings) or "mistral-common's bundled Pixtral-12B-2409 tekken tokenizer"
+
+
+@lru_cache(maxsize=8)
+def pixtral_counter(tokenizer_file: str | None, images_first: bool) -> PixtralCounter:
+    """One tokenizer per process and format: building one takes about a second."""
+    return PixtralCounter(tokenizer_file, images_first)
 
 
 class SearchingPixtralCounter:

@@ -1,4 +1,5 @@
-"""Validate one spec: parse, find the video, probe it, size the hint to the token budget, extract the frames.
+"""Validate one spec: parse, choose and find the hint's video, probe it, size the hint to the token budget,
+extract the frames.
 
 Every failure becomes an `invalid` item with a reason naming the file and the fix; nothing raised here stops
 the other specs of the chunk.
@@ -14,13 +15,21 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from include.cosmos_upsample.hints import HintSource, choose_source, resolve_source
 from include.cosmos_upsample.items import Hint, Item, Tokens, failed_item, invalid_item
 from include.cosmos_upsample.layout import OutputLayout
-from include.cosmos_upsample.prompting import build_user_text
 from include.cosmos_upsample.settings import Settings, local_model_path, parse_resolution
-from include.cosmos_upsample.specs import SpecError, check_spec_file, file_identity, load_spec, resolve_video
-from include.cosmos_upsample.tokens import PixtralCounter, PromptTooLong, SearchingPixtralCounter, fit_hint
-from include.cosmos_upsample.video import VideoError, cached_hint, frame_times, hint_key, probe
+from include.cosmos_upsample.specs import PromptSpec, SpecError, check_spec_file, file_identity, load_spec
+from include.cosmos_upsample.storage import VideoCache, local_file, path_from
+from include.cosmos_upsample.tokens import (
+    PixtralCounter,
+    PromptTooLong,
+    SearchingPixtralCounter,
+    fit_hint,
+    pixtral_counter,
+    planner_tokenizer_file,
+)
+from include.cosmos_upsample.video import VideoError, VideoInfo, cached_hint, hint_key, hint_times, probe
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +45,7 @@ class Counters:
 
 
 def make_counters(settings: Settings) -> Counters:
-    pixtral = PixtralCounter()
+    pixtral = pixtral_counter(planner_tokenizer_file(settings), settings.format.images_first)
     if settings.backend == "vllm":
         return Counters(pixtral, pixtral, True, threading.Lock())
     from include.cosmos_upsample.tokens import LlamaCppCounter
@@ -44,21 +53,53 @@ def make_counters(settings: Settings) -> Counters:
     return Counters(pixtral, LlamaCppCounter(local_model_path(settings.model_id)), False, threading.Lock())
 
 
-def validate_spec(source: Path, key: str, settings: Settings, counters: Counters, layout: OutputLayout) -> Item:
+@dataclass(frozen=True)
+class HintVideo:
+    source: HintSource
+    path: Path  # as named: a local file or an object in storage (its identity keys the hint cache)
+    info: VideoInfo
+    label: str  # names the spec and the video in reasons
+    local: Path | None = None  # the file ffmpeg reads: `path` itself, or the object's copy in the video cache
+
+
+def _hint_video(spec: PromptSpec, source: Path, settings: Settings, videos: VideoCache | None = None) -> HintVideo:
+    """The video the hint frames come from (hint_source), found under input_dir's rules and probed."""
+    choice = choose_source(spec, settings.hint_source, source.name)
+    video = resolve_source(choice, spec, source, path_from(settings.input_dir))
+    if choice.path is None:
+        label = f"{source.name}: video {spec.input_video_path!r}"
+        label += f" (deriving the {choice.derive} hint)" if choice.derive else ""
+    else:
+        label = f"{source.name}: {choice.field} video {choice.path!r}"
+    local = local_file(video, videos)
+    info = probe(local, label)
+    if info.frame_count is not None and info.frame_count < settings.num_frames:
+        raise VideoError(
+            f"{label} has {info.frame_count} frame(s), fewer than num_frames={settings.num_frames}; "
+            "use a longer clip or lower num_frames"
+        )
+    return HintVideo(choice, video, info, label, local)
+
+
+def _write_hint(hint: HintVideo, times: list[float], size: tuple[int, int], settings: Settings,
+                layout: OutputLayout) -> list[str]:
+    sampling = settings.frames_from
+    key = hint_key(file_identity(hint.path), size[0], size[1], times, sampling, hint.source.name, hint.source.derive)
+    frames = cached_hint(layout.hint_dir(key), hint.local or hint.path, times, size[0], size[1], hint.label,
+                         first=sampling == "first", derive=hint.source.derive,
+                         source_size=(hint.info.width, hint.info.height))
+    return [str(path) for path in frames]
+
+
+def validate_spec(source: Path, key: str, settings: Settings, counters: Counters, layout: OutputLayout,
+                  videos: VideoCache | None = None) -> Item:
     budget = settings.token_budget
     try:
-        check_spec_file(source, Path(settings.input_dir))
+        check_spec_file(source, path_from(settings.input_dir))
         spec = load_spec(source)
-        video = resolve_video(spec, source, Path(settings.input_dir))
-        label = f"{source.name}: video {spec.input_video_path!r}"
-        info = probe(video, label)
-        if info.frame_count is not None and info.frame_count < settings.num_frames:
-            raise VideoError(
-                f"{label} has {info.frame_count} frame(s), fewer than num_frames={settings.num_frames}; "
-                "use a longer clip or lower num_frames"
-            )
-        text = build_user_text(spec.prompt)
-        size = _hint_size(settings, counters, text, info.width, info.height, source.name)
+        hint = _hint_video(spec, source, settings, videos)
+        text = settings.format.user_text(spec.prompt)
+        size = _hint_size(settings, counters, text, hint.info.width, hint.info.height, source.name)
         frames = settings.num_frames
         with counters.lock:
             prompt_tokens = counters.prompt.count(text, size[0], size[1], frames if counters.frames_sent else 0)
@@ -67,12 +108,11 @@ def validate_spec(source: Path, key: str, settings: Settings, counters: Counters
                 f"{source.name}: needs {prompt_tokens} prompt tokens at hint {size[0]}x{size[1]}, over the budget "
                 f"of {budget}; shorten the prompt, lower num_frames or the hint size"
             )
+        times = hint_times(settings.frames_from, hint.info, frames)
         frame_paths: list[str] = []
         if not settings.dry_run:
-            cache = layout.hint_dir(hint_key(file_identity(video), size[0], size[1], frames))
-            times = frame_times(info.duration, frames)
             try:
-                frame_paths = [str(path) for path in cached_hint(cache, video, times, size[0], size[1], label)]
+                frame_paths = _write_hint(hint, times, size, settings, layout)
             except OSError as exc:  # the output folder is full, read-only or gone; the input is fine
                 return failed_item(source, f"{source.name}: could not write its hint frames ({exc}); free space or "
                                            f"fix permissions under {layout.hints_dir}, then re-run", budget)
@@ -80,7 +120,8 @@ def validate_spec(source: Path, key: str, settings: Settings, counters: Counters
         return invalid_item(source, str(exc), budget)
     return Item(
         spec_id=spec.id, source_path=str(source), status="valid", name=spec.name, original_prompt=spec.prompt,
-        tokens=Tokens(prompt=prompt_tokens, budget=budget), hint=Hint(width=size[0], height=size[1], frames=frames),
+        tokens=Tokens(prompt=prompt_tokens, budget=budget),
+        hint=Hint(width=size[0], height=size[1], frames=frames, source=hint.source.name, times=times),
         frames_sent=frames if counters.frames_sent else 0, key=key, text=text, frame_paths=frame_paths,
     )
 
@@ -97,17 +138,19 @@ def _hint_size(settings: Settings, counters: Counters, text: str, width: int, he
     return size.width, size.height
 
 
-def validate_entries(entries: list[dict], settings: Settings, layout: OutputLayout) -> list[Item]:
-    """Validate a chunk with one ffmpeg process per core at a time; results keep the chunk's order."""
+def validate_entries(entries: list[dict], settings: Settings, layout: OutputLayout,
+                     videos: VideoCache | None = None) -> list[Item]:
+    """Validate a chunk with one ffmpeg process per core at a time; results keep the chunk's order. `videos`: the
+    work_dir cache that object-storage videos are fetched into."""
     counters = make_counters(settings)
     started, total = time.monotonic(), len(entries)
     done = 0
 
     def one(entry: dict) -> Item:
         nonlocal done
-        source = Path(entry["source_path"])
+        source = path_from(entry["source_path"])
         try:
-            item = validate_spec(source, entry["key"], settings, counters, layout)
+            item = validate_spec(source, entry["key"], settings, counters, layout, videos)
         except Exception as exc:  # an input nobody foresaw must not take the chunk's other specs down with it
             log.exception("validating %s crashed", source)
             item = failed_item(source, f"{source.name}: validation crashed ({type(exc).__name__}: {exc}); see the "

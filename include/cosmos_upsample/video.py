@@ -1,7 +1,9 @@
 """Videos: probe with ffprobe and extract hint frames by seeking, through ffmpeg-python.
 
 Frames are taken by input seeking (`-ss` before `-i`), one seek per frame in a single ffmpeg process, so a long
-clip costs about what a short one does: nothing decodes the whole clip.
+clip costs about what a short one does: nothing decodes the whole clip. The `first` sampling (the clip's first N
+frames, as cosmos-transfer1's `extract_video_frames` in `cosmos_transfer1/utils/misc.py`) selects frames 0..N-1 by
+index from one decode of the clip's start. A derived vis/edge hint filters only these frames, never a whole video.
 """
 
 from __future__ import annotations
@@ -26,6 +28,17 @@ OUTPUT_ERRORS = {"No space left on device": errno.ENOSPC, "Read-only file system
                  "Disk quota exceeded": errno.EDQUOT, "Permission denied": errno.EACCES}
 
 
+# Derived hints: cosmos-transfer1's "medium" presets (its default `--blur_strength`/`--canny_threshold`), as
+# `generate_control_input` (cosmos_transfer1/diffusion/inference/inference_utils.py) runs them through
+# `cosmos_transfer1/diffusion/datasets/augmentors/control_input.py` and `diffusion/config/transfer/augmentors.py`.
+# The name goes into the hint cache key: change it when the filters change.
+DERIVATIONS = {"vis": "vis-bilateral15-0.59-downup10-v1", "edge": "edge-canny-rgb-100-200-v1"}
+# Upstream first fits frames into 1280x704 (`resize_frames`, 720p at 16:9) before blurring.
+UPSTREAM_FRAME_SIZE = (1280, 704)
+VIS_DOWNUP_FACTOR = 10  # AddControlInputBlurDownUp, "medium": (min 4 + max 16) // 2
+EDGE_THRESHOLDS = (100, 200)  # AddControlInputEdge, "medium": cv2.Canny(frame, 100, 200)
+
+
 class VideoError(ValueError):
     """A video that cannot serve as a hint; the message is the report's `reason`."""
 
@@ -36,6 +49,7 @@ class VideoInfo:
     height: int
     duration: float | None
     frame_count: int | None  # exact when the container says, else estimated from duration and rate
+    fps: float | None = None  # average frame rate; None when the container does not say
 
 
 def _first_line(stderr: bytes | None) -> str:
@@ -50,13 +64,24 @@ def _rotation(stream: dict) -> int:
     return abs(int(stream.get("tags", {}).get("rotate", 0))) % 180
 
 
+def _frame_rate(stream: dict) -> float | None:
+    for key in ("avg_frame_rate", "r_frame_rate"):
+        num, _, den = str(stream.get(key, "0/0")).partition("/")
+        try:
+            rate = float(num) / float(den or 1)
+        except (ValueError, ZeroDivisionError):
+            continue
+        if rate > 0:
+            return rate
+    return None
+
+
 def _frame_count(stream: dict, duration: float | None) -> int | None:
     if str(stream.get("nb_frames", "")).isdigit():
         return int(stream["nb_frames"])
-    rate = stream.get("avg_frame_rate", "0/0")
-    num, _, den = rate.partition("/")
-    if duration and den not in ("", "0") and float(num) > 0:
-        return max(1, round(duration * float(num) / float(den)))
+    rate = _frame_rate(stream)
+    if duration and rate:
+        return max(1, round(duration * rate))
     return None
 
 
@@ -85,7 +110,7 @@ def probe(path: Path, label: str) -> VideoInfo:
         width, height = height, width
     raw_duration = stream.get("duration") or info.get("format", {}).get("duration")
     duration = float(raw_duration) if raw_duration not in (None, "N/A") else None
-    return VideoInfo(width, height, duration, _frame_count(stream, duration))
+    return VideoInfo(width, height, duration, _frame_count(stream, duration), _frame_rate(stream))
 
 
 def frame_times(duration: float | None, count: int) -> list[float]:
@@ -95,8 +120,26 @@ def frame_times(duration: float | None, count: int) -> list[float]:
     return [round(duration * (index + 0.5) / count, 3) for index in range(count)]
 
 
-def hint_key(video_identity: str, width: int, height: int, frames: int) -> str:
-    raw = f"{video_identity}|{width}x{height}|{frames}|{HINT_FORMAT_VERSION}"
+def first_frame_times(fps: float | None, count: int) -> list[float]:
+    """Times of frames 0..count-1 (the `first` sampling), for the report; 0.0 each when the rate is unknown."""
+    if not fps:
+        return [0.0] * count
+    return [round(index / fps, 3) for index in range(count)]
+
+
+def hint_times(sampling: str, info: VideoInfo, count: int) -> list[float]:
+    """Seconds into the clip of each hint frame: `spread` over it, or its `first` frames."""
+    if sampling == "first":
+        return first_frame_times(info.fps, count)
+    return frame_times(info.duration, count)
+
+
+def hint_key(video_identity: str, width: int, height: int, times: list[float], sampling: str,
+             source: str = "input_video", derive: str | None = None) -> str:
+    """The hint cache's folder name: what is read, how it is filtered, which frames, at what size."""
+    derivation = DERIVATIONS[derive] if derive else "raw"
+    raw = (f"{video_identity}|{source}|{derivation}|{sampling}|{','.join(map(str, times))}|{width}x{height}|"
+           f"{len(times)}|{HINT_FORMAT_VERSION}")
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 
@@ -113,14 +156,63 @@ def _raise_if_output_error(stderr: bytes | None, out_dir: Path) -> None:
             raise OSError(code, f"{words} (ffmpeg writing hint frames)", str(out_dir))
 
 
-def extract_frames(video: Path, times: list[float], width: int, height: int, out_dir: Path, label: str) -> None:
-    """Write frame-NN.jpg into out_dir in one ffmpeg process, one input seek per frame."""
+def _vis(stream, source_size: tuple[int, int], width: int, height: int):
+    """Upstream's vis blur: at most 1280x704, area-downscaled by 2, `cv2.bilateralFilter(d=30, sigmaColor=150,
+    sigmaSpace=100)`, back up, then bicubic down by 10 and up again. What differs: ffmpeg's bilateral is
+    recursive, so its spatial sigma (pixels) is set to the 15-pixel radius that upstream's d=30 window truncates
+    the 100-pixel Gaussian to; its range sigma is per plane (150/255 of Y, U and V) where OpenCV measures the colour
+    distance over all three channels; the last step scales straight to the hint size instead of back to the
+    frame's size first."""
+    src_w, src_h = source_size
+    ratio = min(1.0, UPSTREAM_FRAME_SIZE[0] / src_w, UPSTREAM_FRAME_SIZE[1] / src_h)
+    base_w, base_h = int(src_w * ratio + 0.5), int(src_h * ratio + 0.5)
+    stream = stream.filter("scale", max(2, base_w // 2), max(2, base_h // 2), flags="area")
+    stream = stream.filter("bilateral", sigmaS=15, sigmaR=round(150 / 255, 4), planes=7)
+    stream = stream.filter("scale", max(2, int(base_w / VIS_DOWNUP_FACTOR)), max(2, int(base_h / VIS_DOWNUP_FACTOR)),
+                           flags="bicubic")
+    return stream.filter("scale", width, height, flags="bicubic")
+
+
+def _edge(stream, width: int, height: int):
+    """Upstream's edge map: `cv2.Canny(frame, 100, 200)` on the colour frame, white edges on black. ffmpeg's
+    `edgedetect` in canny mode runs the same Canny (L1 Sobel gradient, non-maximum suppression, hysteresis, the
+    thresholds as fractions of 255) on each of R, G and B; the brightest of the three then makes the white-on-black
+    map. What differs: OpenCV takes the strongest channel's gradient before suppression where this joins the three
+    channels' edges after it; ffmpeg smooths with a 5x5 Gaussian first (OpenCV does not), so weak edges drop out
+    sooner; and it runs at the hint size, not at up to 1280x704, so edges stay one pixel wide in what the model
+    sees."""
+    low, high = EDGE_THRESHOLDS
+    stream = stream.filter("scale", width, height).filter("format", "gbrp")
+    stream = stream.filter("edgedetect", low=round(low / 255, 4), high=round(high / 255, 4), mode="canny")
+    brightest = "max(max(r(X,Y),g(X,Y)),b(X,Y))"
+    return stream.filter("geq", r=brightest, g=brightest, b=brightest)
+
+
+def hint_frame_stream(stream, width: int, height: int, derive: str | None = None,
+                      source_size: tuple[int, int] | None = None):
+    """One frame's filters: scaled to the hint size, derived (vis blur / edge map) first when asked."""
+    if derive == "vis":
+        return _vis(stream, source_size or (width, height), width, height)
+    if derive == "edge":
+        return _edge(stream, width, height)
+    return stream.filter("scale", width, height)
+
+
+def extract_frames(video: Path, times: list[float], width: int, height: int, out_dir: Path, label: str, *,
+                   first: bool = False, derive: str | None = None, source_size: tuple[int, int] | None = None) -> None:
+    """Write frame-NN.jpg into out_dir in one ffmpeg process: one input seek per frame (`times`), or with `first`
+    frames 0..N-1 selected by index from a single decode of the clip's start."""
+    names = frame_names(len(times))
     outputs = []
-    for name, seconds in zip(frame_names(len(times)), times, strict=True):
-        seek = {"ss": seconds} if seconds else {}
-        source = ffmpeg.input(str(video), format_whitelist=VIDEO_DEMUXERS, **seek)
-        scaled = source.video.filter("scale", width, height)
-        outputs.append(scaled.output(str(out_dir / name), vframes=1, **{"q:v": 2}))
+    shared = ffmpeg.input(str(video), format_whitelist=VIDEO_DEMUXERS) if first else None
+    for index, (name, seconds) in enumerate(zip(names, times, strict=True)):
+        if shared is not None:
+            frame = shared.video.filter("select", f"eq(n,{index})")
+        else:
+            seek = {"ss": seconds} if seconds else {}
+            frame = ffmpeg.input(str(video), format_whitelist=VIDEO_DEMUXERS, **seek).video
+        frame = hint_frame_stream(frame, width, height, derive, source_size)
+        outputs.append(frame.output(str(out_dir / name), vframes=1, **{"q:v": 2}))
     try:
         ffmpeg.merge_outputs(*outputs).global_args("-nostdin", "-v", "error").run(
             capture_stdout=True, capture_stderr=True, overwrite_output=True
@@ -130,7 +222,7 @@ def extract_frames(video: Path, times: list[float], width: int, height: int, out
         raise VideoError(
             f"{label}: frame extraction failed ({_first_line(exc.stderr)}); the video may be corrupt"
         ) from None
-    for name, seconds in zip(frame_names(len(times)), times, strict=True):
+    for name, seconds in zip(names, times, strict=True):
         produced = out_dir / name
         if not produced.exists() or produced.stat().st_size == 0:
             raise VideoError(
@@ -138,15 +230,19 @@ def extract_frames(video: Path, times: list[float], width: int, height: int, out
             )
 
 
-def cached_hint(cache_dir: Path, video: Path, times: list[float], width: int, height: int, label: str) -> list[Path]:
-    """The hint frames in cache_dir, extracted once: a temp folder renamed into place, so no half hint is seen."""
+def cached_hint(cache_dir: Path, video: Path, times: list[float], width: int, height: int, label: str, *,
+                first: bool = False, derive: str | None = None,
+                source_size: tuple[int, int] | None = None) -> list[Path]:
+    """The hint frames in cache_dir, extracted once: a temp folder renamed into place, so no half hint is seen.
+    cache_dir's name must hold everything that makes the frames (see `hint_key`)."""
     names = frame_names(len(times))
     if all((cache_dir / name).is_file() for name in names):
         return [cache_dir / name for name in names]
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.", dir=cache_dir.parent))
     try:
-        extract_frames(video, times, width, height, staging, label)
+        extract_frames(video, times, width, height, staging, label, first=first, derive=derive,
+                       source_size=source_size)
         try:
             staging.rename(cache_dir)
         except OSError:

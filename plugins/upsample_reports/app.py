@@ -2,19 +2,17 @@
 
 Airflow gives plugin apps no authentication, so the app itself requires a signed-in user with read access to the
 DAG's runs (the UI's `_token` cookie or a bearer token). Routes are sync `def`s: FastAPI runs them in a threadpool,
-which keeps the file and DB reads of `reports` off the event loop. Templates autoescape every value, pages carry a
-nonce-based Content-Security-Policy, and output specs are served as JSON only when the report names them.
+which keeps the file and DB reads of the run finders (`reports`) off the event loop. Templates autoescape every value,
+pages carry a nonce-based Content-Security-Policy, and output specs are served as JSON only when the report names them.
 """
 
 from __future__ import annotations
 
-import math
 import secrets
-import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import quote, urlencode
 
 from airflow.api_fastapi.app import get_auth_manager
@@ -27,26 +25,12 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader
 
+from include.cosmos_upsample.report_model import FinalStatus
 from upsample_reports import charts
-from upsample_reports.reports import (
-    DAG_ID,
-    ITEM_STATUSES,
-    ReportNotFound,
-    RunIndex,
-    RunRecord,
-    filter_items,
-    item_output_file,
-    load_report,
-    read_progress,
-    summary,
-)
+from upsample_reports.reports import DAG_ID, ReportNotFound, RunIndex, item_output_file, load_report
+from upsample_reports.views import run_context, summaries, summary
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-PAGE_SIZE = 200
-RUN_LIST_LIMIT = 200
-# A page of a run that is still going re-loads itself; no JS needed.
-REFRESH_SECONDS = 30
-StatusFilter = Literal["upsampled", "cached", "invalid", "failed", "planned"]
 
 
 def requires_dag_run_read(user: GetUserDep) -> None:
@@ -163,14 +147,14 @@ def stylesheet() -> FileResponse:
 
 @router.get("/", response_class=HTMLResponse)
 def run_list(request: Request) -> HTMLResponse:
-    return _render(request, "runs.html", {"runs": _summaries(_index(request))})
+    return _render(request, "runs.html", {"runs": summaries(_index(request))})
 
 
 @router.get("/runs/{run_id}", response_class=HTMLResponse)
 def run_page(
     request: Request,
     run_id: str,
-    status: StatusFilter | None = None,
+    status: FinalStatus | None = None,
     page: int = Query(1, ge=1),
     dag_id: str | None = None,
 ) -> HTMLResponse:
@@ -182,7 +166,7 @@ def run_page(
     except ReportNotFound:
         return _render(request, "not_found.html", {"run_id": run_id}, status_code=404)
     report = load_report(record.report_path) if record.report_path else None
-    return _render(request, "run.html", _run_context(record, report, status, page))
+    return _render(request, "run.html", run_context(record, report, status, page))
 
 
 @router.get("/runs/{run_id}/items/{spec_id}")
@@ -196,12 +180,14 @@ def output_spec(request: Request, run_id: str, spec_id: str) -> Response:
     if path is None:
         return JSONResponse({"detail": f"The report of {run_id!r} names no output for {spec_id!r}"}, 404)
     headers = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'; sandbox"}
+    if "://" in str(path):  # an output in object storage (size checked by item_output_file)
+        return Response(path.read_bytes(), media_type="application/json", headers=headers)
     return FileResponse(path, media_type="application/json", headers=headers)
 
 
 @router.get("/api/runs")
 def api_runs(request: Request) -> dict[str, Any]:
-    return {"dag_id": DAG_ID, "runs": _summaries(_index(request))}
+    return {"dag_id": DAG_ID, "runs": summaries(_index(request))}
 
 
 @router.get("/api/runs/{run_id}")
@@ -213,47 +199,5 @@ def api_run(request: Request, run_id: str) -> Response:
     report = load_report(record.report_path) if record.report_path else None
     if report is None:
         return JSONResponse({"detail": f"Run {run_id!r} has no report yet", **summary(record, None)}, 404)
-    return JSONResponse(report)
+    return JSONResponse(report.to_json())
 
-
-def _summaries(index: RunIndex) -> list[dict[str, Any]]:
-    now = time.time()
-    rows = []
-    for record in index.runs(RUN_LIST_LIMIT):
-        report = load_report(record.report_path) if record.report_path else None
-        rows.append(summary(record, report, now))
-    return rows
-
-
-def _run_context(
-    record: RunRecord, report: dict[str, Any] | None, status: str | None, page: int
-) -> dict[str, Any]:
-    now = time.time()
-    run = summary(record, report, now)
-    context: dict[str, Any] = {"run": run, "record": record, "report": report, "statuses": ITEM_STATUSES}
-    if report is None:
-        progress = read_progress(record.run_dir) if record.run_dir else None
-        context["progress"] = progress
-        context["eta"] = progress.eta_seconds(now) if progress and record.state in {"running", "queued"} else None
-        context["refresh"] = REFRESH_SECONDS if record.state in {"running", "queued"} else None
-        return context
-    all_items = filter_items(report.get("items") or [], None)
-    items = filter_items(all_items, status)
-    pages = max(math.ceil(len(items) / PAGE_SIZE), 1)
-    page = min(page, pages)
-    stages = report.get("stages") if isinstance(report.get("stages"), dict) else {}
-    context.update(
-        status=status,
-        page=page,
-        pages=pages,
-        total_items=len(items),
-        first_index=(page - 1) * PAGE_SIZE,
-        items=items[(page - 1) * PAGE_SIZE : page * PAGE_SIZE],
-        counts=run["counts"],
-        stages=stages,
-        token_chart=charts.token_chart(all_items),
-        status_chart=charts.status_chart(run["counts"], ITEM_STATUSES),
-        stage_chart=charts.stage_chart(stages),
-        params=report.get("params") if isinstance(report.get("params"), dict) else {},
-    )
-    return context

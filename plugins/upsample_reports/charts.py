@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from include.cosmos_upsample.report_model import ReportItem
+
 TOKEN_CHART_WIDTH = 800
 TOKEN_CHART_HEIGHT = 200
 # Over-budget bars (only `invalid` items can be over) are drawn up to this share of the budget, then clipped.
@@ -39,7 +41,7 @@ class TokenChart:
     max_share: float
 
 
-def token_chart(items: list[dict[str, Any]]) -> TokenChart:
+def token_chart(items: list[ReportItem]) -> TokenChart:
     """One bar per item with a token count: tokens.prompt / tokens.budget, with a line at the budget."""
     width, height = TOKEN_CHART_WIDTH, TOKEN_CHART_HEIGHT
     counted = [item for item in items if _token_share(item) is not None]
@@ -53,15 +55,14 @@ def token_chart(items: list[dict[str, Any]]) -> TokenChart:
         share = _token_share(item) or 0.0
         shares.append(share)
         bar_height = plot_height * min(share, TOKEN_CHART_CEILING) / TOKEN_CHART_CEILING
-        tokens = item["tokens"]
         bars.append(
             Bar(
                 x=round(index * slot + gap / 2, 2),
                 y=round(height - bar_height, 2),
                 width=round(max(slot - gap, 0.5), 2),
                 height=round(bar_height, 2),
-                status=str(item.get("status") or "unknown"),
-                title=f"{item.get('spec_id')}: {tokens['prompt']} of {tokens['budget']} tokens ({share:.0%})",
+                status=item.status,
+                title=f"{item.spec_id}: {item.tokens.prompt} of {item.tokens.budget} tokens ({share:.0%})",
             )
         )
     return TokenChart(
@@ -76,12 +77,9 @@ def token_chart(items: list[dict[str, Any]]) -> TokenChart:
     )
 
 
-def _token_share(item: dict[str, Any]) -> float | None:
-    tokens = item.get("tokens")
-    if not isinstance(tokens, dict):
-        return None
-    prompt, budget = tokens.get("prompt"), tokens.get("budget")
-    if not _is_number(prompt) or not _is_number(budget) or budget <= 0:
+def _token_share(item: ReportItem) -> float | None:
+    prompt, budget = item.tokens.prompt, item.tokens.budget
+    if prompt is None or budget <= 0:
         return None
     return prompt / budget
 

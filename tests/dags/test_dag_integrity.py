@@ -11,7 +11,9 @@ from tests.conftest import ROOT
 
 EXPECTED_PARAMS = {
     "input_dir", "output_dir", "runner", "gpu_conn_ids", "backend", "model", "max_model_len", "max_output_tokens",
-    "num_frames", "hint_resolution", "batch_max_items", "force", "max_failure_ratio", "dry_run",
+    "num_frames", "hint_resolution", "batch_max_items", "force", "max_failure_ratio", "dry_run", "sampling",
+    "prompt_format", "hint_source", "frame_sampling", "spec_pattern", "gpu_memory_utilization", "cpu_offload_gb",
+    "max_num_seqs", "enable_prefix_caching", "quantization",
 }
 
 

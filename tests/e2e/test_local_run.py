@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from include.cosmos_upsample.prompting import build_user_text
+from include.cosmos_upsample.prompt_formats import PROMPT_FORMATS
 from include.cosmos_upsample.tokens import PixtralCounter
 from tests.helpers import latest_report, make_video, run_dag, write_spec
 
@@ -95,7 +95,7 @@ class TestLocalRun:
             assert upsampling["backend"] == "llama_cpp" and upsampling["model"] == "smollm2"
             assert upsampling["run_id"] == report["run_id"]
             # The count planned before the run is exactly what llama.cpp reported it received.
-            assert upsampling["tokens"]["prompt"] == upsampling["tokens"]["engine_prompt"]
+            assert upsampling["tokens"]["prompt"] == upsampling["tokens"]["engine"]
         assert json.loads((output_dir / "specs" / "good_wide.json").read_text())["guidance"] == 7
 
     def test_report_items_carry_tokens_and_hint(self, first_run):
@@ -125,12 +125,13 @@ def test_dry_run_with_vllm_counts_exact_pixtral_tokens(airflow_home, input_dir, 
                            "dry_run": True})
     report = latest_report(tmp_path)
     assert report["counts"]["planned"] == 2 and report["counts"]["upsampled"] == 0
-    counter = PixtralCounter()
+    # vLLM's default format is the Cosmos upsampler's: the frames first, then the raw prompt.
+    counter, cosmos = PixtralCounter(images_first=True), PROMPT_FORMATS["cosmos_upsampler"]
     for item in report["items"]:
         if item["status"] != "planned":
             continue
         hint = item["hint"]
-        expected = counter.count(build_user_text(item["original_prompt"]), hint["width"], hint["height"], 2)
+        expected = counter.count(cosmos.user_text(item["original_prompt"]), hint["width"], hint["height"], 2)
         assert item["tokens"]["prompt"] == expected <= item["tokens"]["budget"]
         assert item["frames_sent"] == 2
     assert not (tmp_path / "specs").exists() and not (tmp_path / "hints").exists()

@@ -14,11 +14,13 @@ import shutil
 import pytest
 import worker
 
-from include.cosmos_upsample.prompting import build_user_text
+from include.cosmos_upsample.jobformat import Ledger
+from include.cosmos_upsample.prompt_formats import PROMPT_FORMATS
 from include.cosmos_upsample.tokens import PixtralCounter
 from include.cosmos_upsample.video import cached_hint, frame_times, probe
 
 pytestmark = pytest.mark.gpu
+COSMOS = PROMPT_FORMATS["cosmos_upsampler"]
 
 
 def _why_not() -> str | None:
@@ -34,17 +36,18 @@ def test_vllm_answers_each_prompt_with_frames_and_fails_only_the_overlong_one(tm
     model = os.environ.get("COSMOS_UPSAMPLE_GPU_MODEL", "nvidia/Cosmos-UpsamplePrompt1-12B-Transfer")
     info = probe(sample_video, "clip")
     frames = cached_hint(tmp_path / "hint", sample_video, frame_times(info.duration, 2), 320, 180, "clip")
-    items = [{"key": "ok", "spec_id": "cup", "text": build_user_text("A robot arm picks up a red cup"),
+    items = [{"key": "ok", "spec_id": "cup", "text": COSMOS.user_text("A robot arm picks up a red cup"),
               "frames": [str(frame) for frame in frames]},
-             {"key": "long", "spec_id": "long", "text": build_user_text("cup " * 6000),
+             {"key": "long", "spec_id": "long", "text": COSMOS.user_text("cup " * 6000),
               "frames": [str(frame) for frame in frames]}]
     manifest = {"job_key": "gpu-smoke", "backend": "vllm", "model": model, "max_model_len": 4096,
-                "max_output_tokens": 300, "sampling": {"temperature": 0.2, "top_p": 0.9, "seed": 0}, "items": items}
+                "max_output_tokens": 300, "prompt_format": "cosmos_upsampler", "sampling": COSMOS.sampling,
+                "engine": {"enable_prefix_caching": True}, "items": items}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     assert worker.run_job(tmp_path) == 0
-    entries = {entry["key"]: entry for entry in worker.Ledger(tmp_path / "ledger.jsonl").entries()}
+    entries = {entry["key"]: entry for entry in Ledger.of(tmp_path).entries()}
     assert entries["ok"]["status"] == "ok" and len(entries["ok"]["text"].split()) > 20
     # vLLM's own prompt count equals the count the DAG planned with mistral-common.
-    expected = PixtralCounter().count(items[0]["text"], 320, 180, 2)
+    expected = PixtralCounter(images_first=True).count(items[0]["text"], 320, 180, 2)
     assert entries["ok"]["prompt_tokens"] == expected
-    assert entries["long"]["status"] == "failed" and "too long" in entries["long"]["reason"]
+    assert entries["long"]["status"] == "failed" and "over the budget" in entries["long"]["reason"]

@@ -26,6 +26,8 @@ from upsample_reports.reports import (
     run_dir_path,
 )
 
+from include.cosmos_upsample.report_model import ReportItem
+
 RUN_ID = "manual__2026-11-28T10:00:00+00:00"
 PREFIX = "/upsample-reports"
 DESIGN_KEYS = {"run_id", "dag_id", "started_at", "finished_at", "params", "counts", "items", "stages"}
@@ -282,8 +284,11 @@ class TestProgress:
 class TestPathShapes:
     def test_report_paths(self) -> None:
         assert report_file("/o/reports/r.json") == Path("/o/reports/r.json")
-        for bad in ("/etc/passwd", "/o/reports/r.html", "relative/reports/r.json", "s3://b/reports/r.json", None, 3):
+        for bad in ("/etc/passwd", "/o/reports/r.html", "relative/reports/r.json", "s3://b/other/r.json",
+                    "s3://b/reports/r.html", None, 3):
             assert report_file(bad) is None
+        # Reports in object storage (issue 13) are read through ObjectStoragePath, same shape rule.
+        assert report_file("s3://conn@b/reports/r.json").path == "b/reports/r.json"
 
     def test_run_dir_paths(self) -> None:
         assert run_dir_path("/o/runs/r") == Path("/o/runs/r")
@@ -297,7 +302,7 @@ class TestCharts:
             {"spec_id": "b", "status": "invalid", "tokens": {"prompt": 300, "budget": 100}},
             {"spec_id": "c", "status": "invalid", "tokens": {"prompt": None, "budget": 100}},
         ]
-        chart = charts.token_chart(items)
+        chart = charts.token_chart([ReportItem.model_validate({"source_path": "", **item}) for item in items])
         full = chart.height - chart.budget_y
         assert chart.bars[0].height == pytest.approx(full / 2, abs=0.01)
         assert chart.bars[1].height == pytest.approx(full * charts.TOKEN_CHART_CEILING, abs=0.01)  # clipped

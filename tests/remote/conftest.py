@@ -34,9 +34,10 @@ def testbed() -> dict[str, str]:
     return env
 
 
-def ssh_connection(env: dict[str, str], port: int | None = None, host_key: str | None = "pinned") -> str:
-    """An Airflow SSH connection (as AIRFLOW_CONN_* JSON) to the test bed, its host key pinned by default."""
-    extra = {"key_file": env["COSMOS_TESTBED_SSH_KEY"], "look_for_keys": "false"}
+def ssh_connection(env: dict[str, str], port: int | None = None, host_key: str | None = "pinned", **gpus) -> str:
+    """An Airflow SSH connection (as AIRFLOW_CONN_* JSON) to the test bed, its host key pinned by default;
+    `gpus`/`gpus_per_job` declare GPU slots."""
+    extra = {"key_file": env["COSMOS_TESTBED_SSH_KEY"], "look_for_keys": "false", **gpus}
     if host_key:
         extra["host_key"] = env["COSMOS_TESTBED_HOST_KEY"] if host_key == "pinned" else host_key
     return json.dumps({"conn_type": "ssh", "host": env["COSMOS_TESTBED_SSH_HOST"],

@@ -3,7 +3,14 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from include.cosmos_upsample.settings import DEFAULT_OUTPUT_DIR, SAMPLE_INPUT_DIR, parse_resolution, resolve_settings
+from include.cosmos_upsample.settings import (
+    DEFAULT_OUTPUT_DIR,
+    SAMPLE_INPUT_DIR,
+    Settings,
+    param_schemas,
+    parse_resolution,
+    resolve_settings,
+)
 
 
 class TestResolveSettings:
@@ -46,3 +53,55 @@ def test_parse_resolution():
     assert parse_resolution("640x360") == (640, 360)
     with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
         parse_resolution("640")
+
+
+class TestParamsFromSettings:
+    def test_every_run_setting_is_a_nullable_param_saying_what_empty_means(self):
+        schemas = param_schemas()
+        deployment_only = {"worker_image", "host_model_dir", "host_work_dir", "worker_python", "ledger_sync_seconds",
+                           "video_cache_gb"}
+        assert set(schemas) == set(Settings.model_fields) - deployment_only
+        for name, schema in schemas.items():
+            assert "null" in schema["type"] and schema["section"] and schema["title"], name
+            assert f"Empty: Variable cosmos_upsample_{name}, else env COSMOS_UPSAMPLE_{name.upper()}" in \
+                schema["description"], name
+        assert schemas["runner"]["enum"] == ["local", "docker", None]
+        assert schemas["num_frames"]["minimum"] == 1 and schemas["num_frames"]["maximum"] == 16
+        assert schemas["max_model_len"]["description"].endswith("else 4096.")
+        assert set(schemas["sampling"]["properties"]) == {"temperature", "top_p", "repetition_penalty", "seed"}
+
+    def test_a_value_the_form_accepts_is_accepted_by_the_settings(self):
+        import jsonschema
+
+        schemas = param_schemas()
+        chosen = {"num_frames": 3, "runner": None, "sampling": {"temperature": 0.4}, "hint_resolution": "320x180"}
+        for name, value in chosen.items():
+            jsonschema.validate(value, schemas[name])
+        assert resolve_settings(chosen).num_frames == 3
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(0, schemas["num_frames"])
+
+
+class TestPromptFormatDefaults:
+    def test_vllm_talks_to_the_cosmos_upsampler_as_nvidia_does(self):
+        settings = resolve_settings({"backend": "vllm"})
+        assert settings.format.name == "cosmos_upsampler" and settings.frames_from == "first"
+        assert settings.effective_sampling == {"temperature": 0.6, "top_p": 1.0, "repetition_penalty": 1.0,
+                                               "seed": None}
+
+    def test_the_small_local_model_keeps_its_instruction_and_repeat_penalty(self):
+        settings = resolve_settings({})
+        assert settings.format.name == "instruction" and settings.frames_from == "spread"
+        assert settings.effective_sampling["repetition_penalty"] == 1.3
+
+    def test_params_override_the_formats_defaults(self):
+        settings = resolve_settings({"backend": "vllm", "sampling": {"temperature": 0.1, "seed": 7},
+                                     "frame_sampling": "spread", "prompt_format": "instruction"})
+        assert settings.effective_sampling == {"temperature": 0.1, "top_p": 0.9, "repetition_penalty": 1.0,
+                                               "seed": 7}
+        assert settings.frames_from == "spread"
+        assert settings.fingerprint() != resolve_settings({"backend": "vllm"}).fingerprint()
+
+    def test_spec_pattern_may_not_leave_the_input_folder(self):
+        with pytest.raises(ValidationError, match="may not contain"):
+            resolve_settings({"spec_pattern": "../*.json"})

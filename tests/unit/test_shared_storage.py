@@ -49,18 +49,18 @@ class TestStagesCheckTheMarker:
     def test_discover_writes_it_and_later_stages_run(self, discovered):
         run_dir, chunks = discovered
         assert (run_dir / MARKER_NAME).is_file()
-        assert Path(stages.validate_chunk(chunks[0])).is_file()
+        assert Path(stages.validate_chunk(run_dir, chunks[0])).is_file()
 
     @pytest.mark.parametrize("stage", ["validate", "batch", "upsample", "merge", "report"])
     def test_a_worker_without_the_run_folder_does_nothing(self, discovered, stage):
         run_dir, chunks = discovered
-        validated = stages.validate_chunk(chunks[0])
+        validated = stages.validate_chunk(run_dir, chunks[0])
         (run_dir / MARKER_NAME).unlink()  # as a worker with its own local output_dir sees it
         before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
         calls = {
-            "validate": lambda: stages.validate_chunk(chunks[0]),
-            "batch": lambda: stages.batch([validated]),
-            "upsample": lambda: stages.upsample({"run_dir": str(run_dir), "job_key": "k", "job_dir": None}, 0, {}),
+            "validate": lambda: stages.validate_chunk(run_dir, chunks[0]),
+            "batch": lambda: stages.batch(run_dir, [validated]),
+            "upsample": lambda: stages.upsample(run_dir, {"job_key": "k", "job_dir": None}, 0, {}),
             "merge": lambda: stages.merge(str(run_dir), "manual__shared"),
             "report": lambda: stages.report(str(run_dir), "manual__shared", "dag", "2026-01-01T00:00:00+00:00"),
         }

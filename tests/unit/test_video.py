@@ -4,8 +4,17 @@ import subprocess
 
 import pytest
 
-from include.cosmos_upsample.video import VideoError, cached_hint, frame_times, probe
-from tests.helpers import make_video
+from include.cosmos_upsample.video import (
+    VideoError,
+    cached_hint,
+    first_frame_times,
+    frame_names,
+    frame_times,
+    hint_key,
+    hint_times,
+    probe,
+)
+from tests.helpers import make_colour_video, make_video, mean_rgb
 
 
 class TestProbe:
@@ -50,3 +59,92 @@ class TestFrames:
         with pytest.raises(VideoError, match="truncated|corrupt|unreadable"):
             info = probe(truncated, "cut")
             cached_hint(tmp_path / "hint", truncated, frame_times(info.duration, 2), 160, 90, "cut")
+
+
+def pixels(path):
+    from PIL import Image
+
+    with Image.open(path) as picture:
+        return list(picture.convert("L").tobytes())
+
+
+class TestFirstSampling:
+    """`first`: frames 0..N-1 as cosmos-transfer1's extract_video_frames reads them; times are index / fps."""
+
+    def test_first_frame_times(self):
+        assert first_frame_times(24.0, 3) == [0.0, 0.042, 0.083]
+        assert first_frame_times(None, 2) == [0.0, 0.0]
+
+    def test_hint_times_follow_the_sampling(self, sample_video):
+        info = probe(sample_video, "clip")
+        assert info.fps == pytest.approx(12.0)
+        assert hint_times("first", info, 2) == [0.0, 0.083]
+        assert hint_times("spread", info, 2) == frame_times(info.duration, 2)
+
+    def test_first_frames_are_frames_zero_and_one(self, tmp_path):
+        video = make_colour_video(tmp_path / "c.mp4", ["red", "blue"], "lime")
+        info = probe(video, "c")
+        first = cached_hint(tmp_path / "first", video, hint_times("first", info, 2), 80, 60, "c", first=True)
+        spread = cached_hint(tmp_path / "spread", video, hint_times("spread", info, 2), 80, 60, "c")
+        red, blue = (mean_rgb(path) for path in first)
+        assert red[0] > 200 and max(red[1:]) < 40 and blue[2] > 200 and max(blue[:2]) < 40
+        assert all(colour[1] > 200 and colour[0] < 40 for colour in map(mean_rgb, spread))  # lime, mid-clip
+
+
+@pytest.fixture(scope="module")
+def hints(tmp_path_factory, sample_video):
+    root = tmp_path_factory.mktemp("derived")
+    info = probe(sample_video, "clip")
+    times = frame_times(info.duration, 2)
+    made = {}
+    for derive in (None, "vis", "edge"):
+        for attempt in ("a", "b"):
+            made[derive, attempt] = cached_hint(root / f"{derive}-{attempt}", sample_video, times, 320, 180,
+                                                "clip", derive=derive, source_size=(info.width, info.height))
+    return made
+
+
+class TestDerivedHints:
+    """vis/edge made from the input video's hint frames only, with upstream's medium presets."""
+
+    @pytest.mark.parametrize("derive", ["vis", "edge"])
+    def test_derived_frames_differ_from_the_raw_ones_and_are_deterministic(self, hints, derive):
+        for index in range(2):
+            raw, first, again = (pixels(hints[key][index]) for key in ((None, "a"), (derive, "a"), (derive, "b")))
+            assert first == again
+            assert sum(abs(a - b) for a, b in zip(raw, first, strict=True)) / len(raw) > 10
+
+    def test_edge_frames_are_mostly_dark_with_bright_edges(self, hints):
+        for frame in hints["edge", "a"]:
+            values = pixels(frame)
+            dark = sum(value < 40 for value in values) / len(values)
+            bright = sum(value > 200 for value in values) / len(values)
+            assert dark > 0.8 and bright > 0.01
+            colour = mean_rgb(frame)
+            assert max(colour) - min(colour) < 3  # white on black, not coloured edges
+
+    def test_vis_is_a_blur_of_the_same_picture(self, hints):
+        for raw_path, vis_path in zip(hints[None, "a"], hints["vis", "a"], strict=True):
+            raw, vis = pixels(raw_path), pixels(vis_path)
+            assert abs(sum(raw) / len(raw) - sum(vis) / len(vis)) < 10  # same overall brightness
+
+            def sharpness(values):  # energy of the jumps between horizontal neighbours: a blur spreads each jump
+                return sum((values[i + 1] - values[i]) ** 2 for i in range(len(values) - 1)) / len(values)
+            assert sharpness(vis) < sharpness(raw) / 4
+
+    def test_frame_names_are_the_same_for_every_source(self, hints):
+        assert [path.name for path in hints["edge", "a"]] == frame_names(2)
+
+
+def test_hint_key_holds_source_derivation_and_sampling():
+    base = ("clip|1|2", 320, 180, [0.5, 1.5], "spread")
+    keys = {
+        hint_key(*base),
+        hint_key(*base, source="depth"),
+        hint_key(*base, source="vis", derive="vis"),
+        hint_key(*base, source="edge", derive="edge"),
+        hint_key("clip|1|2", 320, 180, [0.0, 0.083], "first"),
+        hint_key("clip|1|2", 320, 180, [0.5], "spread"),
+        hint_key("clip|1|3", 320, 180, [0.5, 1.5], "spread"),
+    }
+    assert len(keys) == 7 and hint_key(*base) == hint_key(*base)

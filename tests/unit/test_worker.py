@@ -1,4 +1,5 @@
-"""The worker program's pure parts: ledger, vLLM request building, context-error isolation (no GPU needed)."""
+"""The worker program's pure parts: request building per prompt format, engine and sampling arguments, the plan
+check, the GPU lock (the engine itself is exercised in tests/vllm)."""
 
 from __future__ import annotations
 
@@ -8,67 +9,71 @@ import json
 import pytest
 import worker
 
-CONTEXT_ERRORS = [
-    "Prompt length of 5000 is longer than the maximum model length of 4096.",
-    "The prompt (total length 5000) is too long to fit into the model (context length 4096).",
-]
+from include.cosmos_upsample.jobformat import Job, JobItem
+from include.cosmos_upsample.prompt_formats import INSTRUCTION, PROMPT_FORMATS
 
 
-class TestLedger:
-    def test_torn_last_line_is_ignored_and_only_ok_counts_as_finished(self, tmp_path):
-        ledger = worker.Ledger(tmp_path / "ledger.jsonl")
-        ledger.append({"key": "a", "status": "ok"})
-        ledger.append({"key": "b", "status": "failed"})
-        with ledger.path.open("a") as handle:
-            handle.write('{"key": "c", "sta')
-        assert ledger.finished_keys() == {"a"}
-        assert [entry["key"] for entry in ledger.entries()] == ["a", "b"]
+def job(**fields) -> Job:
+    base = {"job_key": "j", "backend": "vllm", "model": "/models/cosmos", "max_model_len": 4096,
+            "max_output_tokens": 300, "prompt_format": "cosmos_upsampler",
+            "sampling": PROMPT_FORMATS["cosmos_upsampler"].sampling}
+    return Job(**{**base, **fields})
 
 
-class TestVllmRequest:
-    def test_text_then_each_frame_as_a_data_url(self, tmp_path):
-        (tmp_path / "f0.jpg").write_bytes(b"jpeg0")
-        (tmp_path / "f1.jpg").write_bytes(b"jpeg1")
-        item = worker.JobItem("k", "spec", "Describe it", ("f0.jpg", "f1.jpg"))
-        [turn] = worker.build_vllm_conversation(item, tmp_path)
+@pytest.fixture
+def two_frames(tmp_path):
+    (tmp_path / "f0.jpg").write_bytes(b"jpeg0")
+    (tmp_path / "f1.jpg").write_bytes(b"jpeg1")
+    return ("f0.jpg", "f1.jpg")
+
+
+def decoded(part: dict) -> bytes:
+    return base64.b64decode(part["image_url"]["url"].split(",", 1)[1])
+
+
+class TestConversation:
+    def test_cosmos_upsampler_sends_the_frames_first_then_the_raw_prompt(self, tmp_path, two_frames):
+        text = PROMPT_FORMATS["cosmos_upsampler"].user_text("  A robot arm picks up a red cup ")
+        [turn] = worker.build_conversation(JobItem("k", "s", text, two_frames), job(), tmp_path)
+        *images, last = turn["content"]
         assert turn["role"] == "user"
-        text, *images = turn["content"]
-        assert text == {"type": "text", "text": "Describe it"}
-        urls = [image["image_url"]["url"] for image in images]
-        assert [base64.b64decode(url.split(",", 1)[1]) for url in urls] == [b"jpeg0", b"jpeg1"]
+        assert [decoded(image) for image in images] == [b"jpeg0", b"jpeg1"]
+        assert last == {"type": "text", "text": "A robot arm picks up a red cup"}
+
+    def test_an_empty_prompt_asks_to_describe_the_images_as_upstream(self):
+        assert PROMPT_FORMATS["cosmos_upsampler"].user_text("  ") == "describe the following images"
+
+    def test_instruction_format_sends_the_instruction_then_the_frames(self, tmp_path, two_frames):
+        text = PROMPT_FORMATS["instruction"].user_text("A cup")
+        [turn] = worker.build_conversation(JobItem("k", "s", text, two_frames), job(prompt_format="instruction"),
+                                           tmp_path)
+        first, *images = turn["content"]
+        assert first["text"].startswith(INSTRUCTION) and first["text"].endswith("Prompt: A cup")
+        assert [decoded(image) for image in images] == [b"jpeg0", b"jpeg1"]
 
 
-class TestContextErrorIsolation:
-    @pytest.mark.parametrize("message", CONTEXT_ERRORS)
-    def test_only_the_overlong_prompt_fails(self, message):
-        calls = []
+class TestEngineArguments:
+    def test_upstream_engine_with_the_job_settings_and_machine_extras_last(self):
+        frames = ("a.jpg", "b.jpg")
+        arguments = worker.engine_arguments(
+            job(engine={"tensor_parallel_size": 2, "enable_prefix_caching": True, "quantization": None},
+                items=(JobItem("k", "s", "t", frames),)),
+            {worker.VLLM_ENGINE_ARGS_ENV: json.dumps({"enforce_eager": True, "tensor_parallel_size": 1})})
+        assert arguments == {"model": "/models/cosmos", "tokenizer_mode": "mistral", "max_model_len": 4096,
+                             "limit_mm_per_prompt": {"image": 2}, "tensor_parallel_size": 1,
+                             "enable_prefix_caching": True, "enforce_eager": True}
 
-        def chat(conversations):
-            calls.append(len(conversations))
-            if any(conversation == "too long" for conversation in conversations):
-                raise ValueError(message)
-            return [worker.Answer(text=f"ok {conversation}") for conversation in conversations]
-
-        answers = worker.chat_isolating_context_errors(chat, ["a", "too long", "b"])
-        assert [answer.text for answer in answers] == ["ok a", "", "ok b"]
-        assert "too long for the model's context" in answers[1].error
-        assert calls == [3, 1, 1, 1]
-
-    def test_other_errors_are_not_swallowed(self):
-        def chat(conversations):
-            raise ValueError("CUDA out of memory")
-
-        with pytest.raises(ValueError, match="out of memory"):
-            worker.chat_isolating_context_errors(chat, ["a"])
+    def test_sampling_is_the_jobs_with_per_item_answer_length(self):
+        sampling = worker.sampling_arguments(job(), JobItem("k", "s", "t", max_tokens=7))
+        assert sampling == {"max_tokens": 7, "temperature": 0.6, "top_p": 1.0, "repetition_penalty": 1.0}
+        assert worker.sampling_arguments(job(), JobItem("k", "s", "t"))["max_tokens"] == 300
 
 
-def test_manifest_round_trip(tmp_path):
-    manifest = {"job_key": "j", "backend": "vllm", "model": "m", "max_model_len": 4096, "max_output_tokens": 300,
-                "sampling": {"temperature": 0.1},
-                "items": [{"key": "k", "spec_id": "s", "text": "t", "frames": ["a.jpg"]}]}
-    job = worker.Job.from_manifest(json.loads(json.dumps(manifest)))
-    assert job.items == (worker.JobItem("k", "s", "t", ("a.jpg",)),)
-    assert job.sampling == {"temperature": 0.1}
+def test_the_plan_is_checked_against_the_engines_count():
+    item = JobItem("k", "spec", "t", planned_tokens=514)
+    worker.check_plan(job(), item, 514)
+    with pytest.raises(worker.TokenizerMismatch, match="engine counts 515 prompt tokens for spec, the plan 514"):
+        worker.check_plan(job(planner_tokenizer="bundled tekken"), item, 515)
 
 
 def test_jobs_on_one_machine_take_turns_on_the_gpu(tmp_path):
@@ -78,16 +83,16 @@ def test_jobs_on_one_machine_take_turns_on_the_gpu(tmp_path):
     order = []
     first_in = threading.Event()
 
-    def job(name: str, hold: float) -> None:
+    def run(name: str, hold: float) -> None:
         with worker.holding_gpu(tmp_path / ".gpu.lock"):
             order.append(f"{name} in")
             first_in.set()
             time.sleep(hold)
             order.append(f"{name} out")
 
-    first = threading.Thread(target=job, args=("a", 0.3))
+    first = threading.Thread(target=run, args=("a", 0.3))
     first.start()
     first_in.wait()
-    job("b", 0)
+    run("b", 0)
     first.join()
     assert order == ["a in", "a out", "b in", "b out"]

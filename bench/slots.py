@@ -1,0 +1,16 @@
+"""GPU slots used for 1,000 specs on 2 hosts x 8 GPUs (dry run): the real slot and planning code, no Airflow."""
+
+from __future__ import annotations
+
+from include.cosmos_upsample.batching import plan_jobs
+from include.cosmos_upsample.gpu_slots import all_slots, host_gpus, pool_size
+
+EIGHT_GPUS = {"gpus": list(range(8)), "gpus_per_job": 1}
+
+
+def slot_figures(specs: int = 1000, batch_max_items: int = 128) -> dict:
+    hosts = [host_gpus(conn_id, EIGHT_GPUS) for conn_id in ("gpu_host_1", "gpu_host_2")]
+    plans = plan_jobs([f"item-{index:05d}" for index in range(specs)], batch_max_items, all_slots(hosts), "bench")
+    return {"gpu_slots_used_for_1000_specs": len({(plan.conn_id, plan.slot) for plan in plans}),
+            "gpu_pool_size_2x8": pool_size(hosts),
+            "gpu_jobs_for_1000_specs_2x8": len(plans)}

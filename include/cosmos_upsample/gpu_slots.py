@@ -1,0 +1,169 @@
+"""GPU slots: which GPUs of which host a model job may use. Pure values; the connection reading sits at the edge.
+
+A GPU host's SSH connection extra may declare its GPUs and how many one job uses:
+
+    {"gpus": [0, 1, 2, 3, 4, 5, 6, 7], "gpus_per_job": 2}    4 slots: (0,1) (2,3) (4,5) (6,7)
+    {"gpus": "auto", "gpus_per_job": 1}                       ids read with nvidia-smi over SSH (logged)
+    (no "gpus")                                               1 slot with every GPU of the host (no declaration)
+
+A slot is a fixed group of device ids. Its container gets exactly those devices, vLLM gets tensor_parallel_size =
+the group's size, and the worker holds the slot's lock file (named by its device ids, under the host's work
+folder) while its model is loaded, so two jobs never share a GPU, whichever run or retry they belong to.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+from include.cosmos_upsample.jobformat import GPU_LOCK_NAME
+
+GPUS_EXTRA = "gpus"
+GPUS_PER_JOB_EXTRA = "gpus_per_job"
+DISCOVER = "auto"
+# What nvidia-smi prints, one device index per line.
+NVIDIA_SMI_COMMAND = ("nvidia-smi", "--query-gpu=index", "--format=csv,noheader")
+# Device ids end up in lock file names and the Docker API: indices or UUIDs (GPU-8f3c...), nothing else.
+_DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
+
+
+class GpuDeclarationError(ValueError):
+    """A connection's `gpus`/`gpus_per_job` extra cannot be used as written."""
+
+
+@dataclass(frozen=True)
+class GpuSlot:
+    conn_id: str
+    index: int
+    device_ids: tuple[str, ...]  # empty: every GPU of the host (the connection declares none)
+
+    @property
+    def gpu_count(self) -> int | None:
+        return len(self.device_ids) or None
+
+    @property
+    def lock_name(self) -> str:
+        """The slot's lock under the host's work folder: `.gpu-0,1.lock`; the host-wide `.gpu.lock` when undeclared.
+
+        Named by device ids, not by the slot's position, so jobs planned by another run (or before the
+        connection's gpus_per_job changed) lock the same file for the same GPUs.
+        """
+        if not self.device_ids:
+            return GPU_LOCK_NAME
+        lock = PurePosixPath(GPU_LOCK_NAME)
+        return f"{lock.stem}-{','.join(self.device_ids)}{lock.suffix}"
+
+    @property
+    def label(self) -> str:
+        """How the slot is named in logs and on its container: conn_id/index."""
+        return f"{self.conn_id}/{self.index}"
+
+
+@dataclass(frozen=True)
+class HostGpus:
+    conn_id: str
+    device_ids: tuple[str, ...]  # empty: undeclared
+    gpus_per_job: int = 1
+
+    def slots(self) -> list[GpuSlot]:
+        """len(gpus) // gpus_per_job fixed groups, in the declared order; leftover GPUs stay unused."""
+        if not self.device_ids:
+            return [GpuSlot(self.conn_id, 0, ())]
+        size = self.gpus_per_job
+        return [GpuSlot(self.conn_id, index, self.device_ids[index * size:(index + 1) * size])
+                for index in range(len(self.device_ids) // size)]
+
+
+def wants_discovery(extra: Mapping[str, Any]) -> bool:
+    return extra.get(GPUS_EXTRA) == DISCOVER
+
+
+def parse_device_ids(value: Any, conn_id: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):  # a connection form may hold "0,1,2" or "[0, 1]"
+        value = [part for part in re.split(r"[\s,\[\]]+", value) if part]
+    if not isinstance(value, (list, tuple)):
+        raise GpuDeclarationError(f"connection {conn_id}: extra 'gpus' must be a list of device ids, got {value!r}")
+    ids = tuple(str(item).strip() for item in value)
+    bad = [item for item in ids if not _DEVICE_ID.match(item)]
+    if bad:
+        raise GpuDeclarationError(f"connection {conn_id}: extra 'gpus' holds invalid device ids {bad!r}")
+    if len(set(ids)) != len(ids):
+        raise GpuDeclarationError(f"connection {conn_id}: extra 'gpus' lists a device twice: {list(ids)}")
+    return ids
+
+
+def host_gpus(conn_id: str, extra: Mapping[str, Any], discovered: Sequence[str] | None = None) -> HostGpus:
+    """The host's declaration from its connection extra; `discovered` stands in for `"gpus": "auto"`."""
+    try:
+        per_job = int(extra.get(GPUS_PER_JOB_EXTRA, 1))
+    except (TypeError, ValueError):
+        raise GpuDeclarationError(f"connection {conn_id}: extra 'gpus_per_job' must be a whole number") from None
+    if per_job < 1:
+        raise GpuDeclarationError(f"connection {conn_id}: extra 'gpus_per_job' must be at least 1, got {per_job}")
+    declared = discovered if wants_discovery(extra) else extra.get(GPUS_EXTRA)
+    ids = parse_device_ids(declared, conn_id)
+    if ids and len(ids) < per_job:
+        raise GpuDeclarationError(
+            f"connection {conn_id}: gpus_per_job={per_job} but only {len(ids)} GPU(s) declared: {list(ids)}")
+    return HostGpus(conn_id, ids, per_job)
+
+
+def parse_nvidia_smi(output: str) -> tuple[str, ...]:
+    return tuple(line.strip() for line in output.splitlines() if line.strip())
+
+
+def all_slots(hosts: Sequence[HostGpus]) -> list[GpuSlot]:
+    """Every slot of every host, interleaved (h1/0, h2/0, h1/1, h2/1, ...), so round-robin jobs spread over hosts
+    before they stack on one."""
+    per_host = [host.slots() for host in hosts]
+    depth = max((len(slots) for slots in per_host), default=0)
+    return [slots[index] for index in range(depth) for slots in per_host if index < len(slots)]
+
+
+def pool_size(hosts: Sequence[HostGpus]) -> int:
+    """The `cosmos_gpu` pool's size that lets every slot work at once: the total slot count."""
+    return len(all_slots(hosts))
+
+
+def choose_slot(slots: Sequence[GpuSlot], busy: set[str], preferred: int) -> GpuSlot:
+    """The planned slot if it is free, else the host's first free one, else the planned one (its worker waits).
+
+    `busy` holds the lock names of slots whose containers run now (another DAG run's jobs, for instance). Two tasks
+    choosing at the same moment may pick the same slot: then the slot lock makes one wait, never share.
+    """
+    planned = slots[preferred % len(slots)]
+    if planned.lock_name not in busy:
+        return planned
+    return next((slot for slot in slots if slot.lock_name not in busy), planned)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What the container of a job on `slot` gets."""
+
+    slot: GpuSlot
+    device_ids: tuple[str, ...] | None  # None: no GPU request (CPU backend); (): every GPU of the host
+    engine: dict[str, Any]  # merged into the manifest's engine settings
+    environment: dict[str, str]
+
+    def lock_path(self, container_work_dir: PurePosixPath) -> PurePosixPath:
+        return container_work_dir / self.slot.lock_name
+
+
+def placement(slot: GpuSlot, backend: str) -> Placement:
+    uses_gpu = backend == "vllm"
+    engine = {"tensor_parallel_size": slot.gpu_count} if uses_gpu and slot.gpu_count else {}
+    environment = {"COSMOS_UPSAMPLE_SLOT": slot.label,
+                   "COSMOS_UPSAMPLE_SLOT_GPUS": ",".join(slot.device_ids) or "all"}
+    return Placement(slot, slot.device_ids if uses_gpu else None, engine, environment)
+
+
+def engine_for(slots: Sequence[GpuSlot], conn_id: str | None, index: int | None, backend: str) -> dict[str, Any]:
+    """The engine settings a planned job's slot adds to its manifest (tensor_parallel_size), {} off GPU hosts."""
+    slot = next((slot for slot in slots if (slot.conn_id, slot.index) == (conn_id, index)), None)
+    return placement(slot, backend).engine if slot else {}

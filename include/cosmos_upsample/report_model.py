@@ -1,0 +1,131 @@
+"""The run report as a typed model: the report task writes it, the UI plugin reads it (keys: DESIGN.md "Report JSON").
+
+Its JSON Schema is committed as docs/report.schema.json; regenerate it with
+`python -m include.cosmos_upsample.report_model > docs/report.schema.json` (a test checks the two agree).
+
+Reports are read back with the keys they were written with (`to_json` leaves out what a report never set), so a report
+written before a key was added still reads, and the plugin's JSON API returns it as it is on disk.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# The statuses an item can end a run with; `planned` marks valid items of a dry run.
+FinalStatus = Literal["upsampled", "cached", "invalid", "failed", "planned"]
+FINAL_STATUSES: tuple[str, ...] = get_args(FinalStatus)
+# Keys of `counts`: every report has these; `planned` only when a dry run planned items.
+COUNT_KEYS: tuple[str, ...] = ("discovered", "upsampled", "cached", "invalid", "failed")
+
+
+class Tokens(BaseModel):
+    prompt: int | None = None  # planned: the exact count of what the model receives
+    budget: int
+    engine: int | None = None  # what the engine itself counted; None when no model ran
+
+
+class Hint(BaseModel):
+    width: int | None = None
+    height: int | None = None
+    frames: int = 0
+    source: str | None = None  # input_video, vis, edge, seg or depth
+    times: list[float] = Field(default_factory=list)  # seconds into the clip
+
+
+class ReportItem(BaseModel):
+    """One discovered spec file, as the report shows it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    spec_id: str
+    source_path: str
+    status: FinalStatus
+    reason: str | None = None  # why, for invalid and failed
+    tokens: Tokens
+    hint: Hint = Field(default_factory=Hint)
+    output_path: str | None = None
+    name: str = ""
+    original_prompt: str | None = None
+    upsampled_prompt: str | None = None
+    frames_sent: int = 0  # 0 for a text-only model: the hint was sized but not sent
+
+
+class Counts(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    discovered: int
+    upsampled: int
+    cached: int
+    invalid: int
+    failed: int
+    planned: int | None = None
+
+    def as_dict(self) -> dict[str, int]:
+        """The counts the report holds (`planned` only in dry runs), in the order of the JSON."""
+        return self.model_dump(exclude_unset=True)
+
+    def of(self, key: str) -> int:
+        return getattr(self, key, None) or 0
+
+
+class TokensEqual(BaseModel):
+    """Items whose planned prompt count equals the engine's own count, out of those the engine counted."""
+
+    equal: int
+    compared: int
+
+
+class Resolved(BaseModel):
+    """What the run's settings came to where they were left to a default."""
+
+    model_config = ConfigDict(extra="allow")
+
+    prompt_format: str
+    frame_sampling: str
+    sampling: dict[str, Any]
+    engine: dict[str, Any]
+
+
+class RunReport(BaseModel):
+    """`reports/<run_id>.json`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    run_id: str
+    dag_id: str
+    started_at: str | None  # ISO 8601
+    finished_at: str | None
+    params: dict[str, Any]  # the run's settings as resolved (older runs: older settings)
+    resolved: Resolved | None = None
+    counts: Counts
+    tokens_equal: TokensEqual | None = None
+    items: list[ReportItem]
+    stages: dict[str, float]  # stage name -> seconds of work
+    state: Literal["success", "failed"] | None = None  # failed: more than max_failure_ratio of the specs failed
+    backend: str | None = None
+    model: str | None = None
+    dry_run: bool | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_unset=True)
+
+    @classmethod
+    def from_text(cls, text: str | bytes) -> RunReport:
+        """Through json.loads, not pydantic's JSON parser: a spec file name that is not UTF-8 is written as a lone
+        surrogate escape (\\udcXX), which pydantic's parser refuses."""
+        return cls.model_validate(json.loads(text))
+
+
+def json_schema() -> dict[str, Any]:
+    return RunReport.model_json_schema(mode="serialization")
+
+
+def schema_text() -> str:
+    return json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+
+
+if __name__ == "__main__":
+    print(schema_text(), end="")

@@ -1,0 +1,171 @@
+"""Reports on disk: reading a report file into the typed `RunReport`, and finding reports by scanning
+`<output_dir>/reports/*.json` (the deployment's default output dir and every output dir seen in the DB), so reports
+whose DB rows are gone still show. A report names output specs; only those inside its own output dir are served."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from include.cosmos_upsample.layout import REPORTS, OutputLayout, safe_name
+from include.cosmos_upsample.report_model import RunReport
+from include.cosmos_upsample.settings import DAG_ID, DEFAULT_OUTPUT_DIR, ENV_PREFIX, VARIABLE_PREFIX
+from upsample_reports.records import RunRecord, local_path, parse_time
+
+log = logging.getLogger(__name__)
+
+OUTPUT_DIR_VARIABLE = VARIABLE_PREFIX + "output_dir"
+OUTPUT_DIR_ENV = ENV_PREFIX + "OUTPUT_DIR"
+MAX_REPORT_BYTES = 256 * 1024 * 1024
+MAX_SPEC_BYTES = 16 * 1024 * 1024
+
+
+class _ReportCache:
+    """Reports keyed by (path, mtime, size): the run list re-reads a report only after the DAG rewrites it."""
+
+    def __init__(self, max_entries: int = 64) -> None:
+        self._entries: dict[Path, tuple[tuple[int, int], RunReport]] = {}
+        self._lock = threading.Lock()
+        self._max_entries = max_entries
+
+    def load(self, path: Path) -> RunReport:
+        if "://" in str(path):  # fsspec caches listings per process: the api-server must see a rewritten report
+            path.fs.invalidate_cache(path.path)
+        stat = path.stat()
+        if stat.st_size > MAX_REPORT_BYTES:
+            raise ValueError(f"{path} is larger than {MAX_REPORT_BYTES} bytes")
+        # Object storage (ObjectStoragePath.stat) has no st_mtime_ns; its st_mtime is the object's LastModified.
+        stamp = (getattr(stat, "st_mtime_ns", None) or int(stat.st_mtime * 1e9), stat.st_size)
+        with self._lock:
+            cached = self._entries.get(path)
+            if cached and cached[0] == stamp:
+                return cached[1]
+        report = RunReport.from_text(path.read_bytes())
+        with self._lock:
+            if len(self._entries) >= self._max_entries:
+                self._entries.pop(next(iter(self._entries)))
+            self._entries[path] = (stamp, report)
+        return report
+
+
+_REPORTS = _ReportCache()
+
+
+def object_path(value: object) -> Path | None:
+    """An object-storage location as the DAG records it (`s3://conn_id@bucket/key`, see include/.../storage.py),
+    read through Airflow's ObjectStoragePath with that connection; None for anything else."""
+    if not isinstance(value, str) or "://" not in value or value.startswith("file://") or "\x00" in value:
+        return None
+    from include.cosmos_upsample.storage import path_from
+
+    try:
+        return path_from(value)
+    except Exception as exc:  # an unknown scheme or a provider that is not installed
+        log.warning("Cannot open %r: %s", value, exc)
+        return None
+
+
+def report_file(value: object) -> Path | None:
+    """`<output_dir>/reports/<name>.json`, the only shape of report path the plugin will read (local or object
+    storage)."""
+    path = local_path(value) or object_path(value)
+    if path is None or path.suffix != ".json" or path.parent.name != REPORTS:
+        return None
+    return path
+
+
+def load_report(path: Path) -> RunReport | None:
+    """The report, or None when it is missing, unreadable or not a run report."""
+    try:
+        return _REPORTS.load(path)
+    except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+        log.warning("Cannot read report %s: %s", path, exc)
+        return None
+
+
+def output_dir_of(report_path: Path) -> Path:
+    return report_path.parent.parent
+
+
+def item_output_file(report: RunReport, report_path: Path, spec_id: str) -> Path | None:
+    """The output spec the report names for `spec_id`, if it is a JSON file inside the report's output dir."""
+    root = output_dir_of(report_path).resolve()
+    remote = "://" in str(report_path)
+    item = next((item for item in report.items if item.spec_id == spec_id), None)
+    path = (object_path if remote else local_path)(item.output_path) if item else None
+    if path is None or path.suffix != ".json":
+        return None
+    resolved = path.resolve()
+    if remote and (type(resolved) is not type(root) or resolved.protocol != root.protocol
+                   or getattr(resolved, "conn_id", None) != getattr(root, "conn_id", None)):
+        return None
+    if not resolved.is_relative_to(root) or not resolved.is_file():
+        return None
+    if resolved.stat().st_size > MAX_SPEC_BYTES:
+        return None
+    return resolved
+
+
+def configured_output_dirs(environ: dict[str, str] | None = None) -> list[Path]:
+    """The deployment's default output dir: Variable `cosmos_upsample_output_dir`, env, then `<root>/outputs`."""
+    environ = dict(os.environ) if environ is None else environ
+    found: list[Path] = []
+    try:
+        from airflow.models.variable import Variable
+
+        value = Variable.get(OUTPUT_DIR_VARIABLE, default_var=None)
+    except Exception as exc:  # a missing DB or secrets backend must not hide the reports on disk
+        log.debug("Variable %s unavailable: %s", OUTPUT_DIR_VARIABLE, exc)
+        value = None
+    for candidate in (value, environ.get(OUTPUT_DIR_ENV), str(DEFAULT_OUTPUT_DIR)):
+        path = local_path(candidate)
+        if path is not None and path not in found:
+            found.append(path)
+    return found
+
+
+class DirectoryRuns:
+    """Reports found by scanning `<output_dir>/reports/*.json`; run ids are matched by the report's content."""
+
+    def __init__(self, output_dirs: Callable[[], Iterable[Path]]) -> None:
+        self._output_dirs = output_dirs
+
+    def _reports(
+        self, extra_dirs: Iterable[Path] = (), likely_stem: str | None = None
+    ) -> Iterator[tuple[Path, RunReport]]:
+        seen: set[Path] = set()
+        for output_dir in [*self._output_dirs(), *extra_dirs]:
+            reports_dir = OutputLayout(output_dir).reports_dir
+            if "://" in str(reports_dir):  # object storage: list afresh, not from fsspec's per-process cache
+                reports_dir.fs.invalidate_cache(reports_dir.path)
+            if reports_dir in seen or not reports_dir.is_dir():
+                continue
+            seen.add(reports_dir)
+            # The file named after the run is read first; the others only if it does not hold that run.
+            for path in sorted(reports_dir.glob("*.json"), key=lambda p: (p.stem != likely_stem, p.name)):
+                report = load_report(path)
+                if report is not None and report.dag_id == DAG_ID and report.run_id:
+                    yield path, report
+
+    def runs(self, limit: int, extra_dirs: Iterable[Path] = ()) -> list[RunRecord]:
+        records = [self._record(path, report) for path, report in self._reports(extra_dirs)]
+        return records[:limit] if len(records) > limit else records
+
+    def run(self, run_id: str, extra_dirs: Iterable[Path] = ()) -> RunRecord | None:
+        for path, report in self._reports(extra_dirs, likely_stem=safe_name(run_id)):
+            if report.run_id == run_id:
+                return self._record(path, report)
+        return None
+
+    @staticmethod
+    def _record(path: Path, report: RunReport) -> RunRecord:
+        return RunRecord(
+            run_id=report.run_id,
+            state=report.state,
+            started_at=parse_time(report.started_at),
+            finished_at=parse_time(report.finished_at),
+            report_path=path,
+        )
