@@ -21,7 +21,7 @@ import datetime as dt
 
 from airflow.sdk import Asset, Param, dag, task
 
-from include.cosmos_upsample.deployment import upsample_task_options
+from include.cosmos_upsample.deployment import default_args, upsample_task_options
 from include.cosmos_upsample.settings import (
     ASSET_URI,
     DAG_ID,
@@ -38,14 +38,6 @@ UPSAMPLED_PROMPTS = Asset(ASSET_URI)
 # what an empty field means. Every Param may stay empty (null): the deployment default then applies at run time.
 PARAMS = {name: Param(None, **schema) for name, schema in param_schemas().items()}
 
-DEFAULT_ARGS = {
-    "owner": "cosmos",
-    "retries": 3,
-    "retry_delay": dt.timedelta(seconds=5),
-    "retry_exponential_backoff": True,
-    "max_retry_delay": dt.timedelta(minutes=10),
-}
-
 
 @dag(
     dag_id=DAG_ID,
@@ -54,7 +46,7 @@ DEFAULT_ARGS = {
     catchup=False,
     max_active_runs=1,
     params=PARAMS,
-    default_args=DEFAULT_ARGS,
+    default_args=default_args(),
     tags=["cosmos", "upsampling", "vlm"],
     doc_md=__doc__,
 )

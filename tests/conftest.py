@@ -19,6 +19,7 @@ os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "docker" / "upsampler"))
 
+from include.cosmos_upsample.deployment import RETRY_DELAY_ENV  # noqa: E402
 from tests.helpers import make_video  # noqa: E402
 
 
@@ -34,6 +35,8 @@ def airflow_home() -> dict[str, str]:
         **os.environ,
         "PYTHONPATH": str(ROOT),
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        # Retries are tested by count, never by time: the first retry after 1 s instead of 5.
+        RETRY_DELAY_ENV: "1",
     }
     subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], env=env, check=True,
                    capture_output=True)

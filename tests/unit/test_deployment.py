@@ -26,3 +26,13 @@ class TestUpsampleQueue:
                              cwd=ROOT, capture_output=True, text=True, check=True).stdout
         queues = json.loads(out.strip().splitlines()[-1])
         assert queues.pop("upsample") == "gpu_hosts" and set(queues.values()) == {"default"}, queues
+
+
+class TestRetryDelay:
+    def test_five_seconds_unless_the_deployment_says_otherwise(self):
+        from include.cosmos_upsample.deployment import RETRY_DELAY_ENV, default_args
+
+        assert default_args({})["retry_delay"].total_seconds() == 5
+        shortened = default_args({RETRY_DELAY_ENV: "0.5"})
+        assert shortened["retry_delay"].total_seconds() == 0.5
+        assert shortened["retries"] == 3 and shortened["retry_exponential_backoff"] is True
