@@ -291,7 +291,13 @@ debian_mirror() {
     url=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources \
         2>/dev/null | grep -v '^[[:space:]]*#' | grep -oE 'https?://[^ ]+/debian/?( |$)' | head -n 1 |
         tr -d ' ' || true)
-    echo "${url:-http://deb.debian.org/debian}"
+    if [[ -z $url ]]; then
+        # No guessed public mirror: this machine may reach only its own package source.
+        echo "testbed: no Debian archive URL found in /etc/apt/sources.list*; set COSMOS_TESTBED_MIRROR to the" \
+            "Debian mirror this machine's apt uses (e.g. http://HOST/debian)" >&2
+        return 1
+    fi
+    echo "$url"
 }
 
 ensure_image() {
