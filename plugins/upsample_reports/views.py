@@ -111,5 +111,7 @@ def run_context(record: RunRecord, report: RunReport | None, status: str | None,
         status_chart=charts.status_chart(run["counts"], FINAL_STATUSES),
         stage_chart=charts.stage_chart(report.stages),
         params=report.params,
+        resolved=report.resolved.model_dump(mode="json") if report.resolved else {},
+        tokens_equal=report.tokens_equal,
     )
     return context

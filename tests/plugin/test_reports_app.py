@@ -133,6 +133,13 @@ class TestRunPage:
             assert f">{stage}</text>" in page
         assert "6m 42s" in page  # upsample stage, 401.5 s
 
+    def test_resolved_settings_and_token_agreement_are_shown(self, client: TestClient) -> None:
+        page = client.get(run_url()).text
+        assert "Token counts equal (planned = engine): 11 of 12." in page
+        resolved = page[page.index("Resolved settings"):page.index("</details>", page.index("Resolved settings"))]
+        assert "<th>prompt_format</th><td><code>instruction</code>" in resolved
+        assert "repetition_penalty" in resolved and "1.3" in resolved
+
     def test_hostile_strings_are_escaped(self, client: TestClient) -> None:
         page = client.get(run_url()).text
         assert HOSTILE_PROMPT not in page
