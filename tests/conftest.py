@@ -43,6 +43,18 @@ def airflow_home() -> dict[str, str]:
     return env
 
 
+@pytest.fixture(scope="session")
+def migrated_db(tmp_path_factory) -> Path:
+    """One empty SQLite metadata DB, migrated once per session: a fixture that needs an Airflow home of its own
+    copies it (`shutil.copyfile(migrated_db, home / "airflow.db")`) instead of migrating again."""
+    home = tmp_path_factory.mktemp("migrated-home")
+    env = {**os.environ, "AIRFLOW_HOME": str(home),
+           "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}"}
+    subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], env=env, check=True,
+                   capture_output=True)
+    return home / "airflow.db"
+
+
 # The fast tier (`pytest -m fast`, about a minute here): unit tests, DAG integrity and in-process stage runs, all on
 # real ffmpeg, the real tokenizer and SQLite; the end-to-end tiers (e2e, remote, browser, vllm, deploy, storage) prove
 # the wiring with a few whole runs each.

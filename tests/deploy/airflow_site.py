@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -71,10 +72,15 @@ class AirflowSite:
 
     # --- set-up -------------------------------------------------------------------------------------------------
 
-    def prepare(self, variables: dict[str, str]) -> None:
-        """Migrate the DB, create the GPU pool (the upsample tasks wait for a slot there) and Variables."""
+    def prepare(self, variables: dict[str, str], migrated_sqlite: Path | None = None) -> None:
+        """A migrated DB (a copy of the session's migrated SQLite file when given and this site uses SQLite), the
+        GPU pool (the upsample tasks wait for a slot there) and Variables."""
         self.home.mkdir(parents=True, exist_ok=True)
-        run_checked([AIRFLOW, "db", "migrate"], self.env, timeout=600)
+        sqlite_file = self.sql_alchemy_conn.removeprefix("sqlite:///")
+        if migrated_sqlite is not None and sqlite_file != self.sql_alchemy_conn:
+            shutil.copyfile(migrated_sqlite, sqlite_file)
+        else:
+            run_checked([AIRFLOW, "db", "migrate"], self.env, timeout=600)
         run_checked([AIRFLOW, "pools", "set", GPU_POOL, "1", "Model jobs"], self.env)
         for key, value in variables.items():
             run_checked([AIRFLOW, "variables", "set", key, value], self.env)

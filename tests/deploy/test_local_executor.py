@@ -21,12 +21,12 @@ pytestmark = pytest.mark.deploy
 
 
 @pytest.fixture
-def local_site(tmp_path, deploy_specs) -> Iterator[AirflowSite]:
+def local_site(tmp_path, deploy_specs, migrated_db) -> Iterator[AirflowSite]:
     home = tmp_path / "airflow"
     site = AirflowSite(home=home, executor="LocalExecutor", sql_alchemy_conn=f"sqlite:///{home}/airflow.db",
                        extra_env=deployment_env(tmp_path))
     try:
-        site.prepare(deployment_variables(deploy_specs, tmp_path))
+        site.prepare(deployment_variables(deploy_specs, tmp_path), migrated_db)
         site.start_core()
         yield site
     finally:

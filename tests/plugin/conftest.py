@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 import textwrap
@@ -57,9 +58,9 @@ def output_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def inprocess_db() -> None:
-    """Token checks look up revoked tokens in the metadata DB, so the in-process one must be migrated."""
-    run_checked([str(VENV_BIN / "airflow"), "db", "migrate"], dict(os.environ))
+def inprocess_db(airflow_home: dict[str, str]) -> None:
+    """Token checks look up revoked tokens in the metadata DB, so the in-process one must be migrated (the
+    session's `airflow_home` fixture migrates it)."""
 
 
 @pytest.fixture(scope="session")
@@ -192,7 +193,7 @@ class AirflowSite:
 
 
 @pytest.fixture(scope="session")
-def airflow_site(tmp_path_factory: pytest.TempPathFactory) -> AirflowSite:
+def airflow_site(tmp_path_factory: pytest.TempPathFactory, migrated_db: Path) -> AirflowSite:
     """A migrated SQLite metadata DB in its own AIRFLOW_HOME holding a finished and a running DAG run."""
     home = tmp_path_factory.mktemp("airflow-home")
     dags = home / "standin-dags"
@@ -214,7 +215,7 @@ def airflow_site(tmp_path_factory: pytest.TempPathFactory) -> AirflowSite:
         "COSMOS_UPSAMPLE_OUTPUT_DIR": str(fallback_dir),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
-    run_checked([str(VENV_BIN / "airflow"), "db", "migrate"], env)
+    shutil.copyfile(migrated_db, db_path)
     report = make_report("placeholder", output_dir)
     write_report(output_dir, report, file_stem="spec-files-only")  # the stand-in writes the report itself
     (output_dir / "reports" / "spec-files-only.json").unlink()
