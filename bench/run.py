@@ -28,6 +28,7 @@ TARGETS = {  # figure -> (comparison, bound) from the issue
     "task_instances_for_1000_specs": ("<=", 60),
     "model_loads_for_1000_specs": ("<=", 8),
     "tokens_exact": (">=", 1.0),
+    "validate_seconds_per_spec": ("<=", 0.035),
     "gpu_slots_used_for_1000_specs": (">=", 16),
 }
 

@@ -63,6 +63,8 @@ def scale_figures(env: dict[str, str], work: Path, count: int, token_sample: int
         f"model_loads_for_{count}_specs": len(jobs),
         f"dry_run_{count}_wall_seconds": run.wall_seconds,
         f"dry_run_{count}_stage_seconds": {name: round(value, 2) for name, value in report["stages"].items()},
+        # The validate tasks' seconds of work (all chunks, one after another) per spec.
+        "validate_seconds_per_spec": round(report["stages"].get("validate", 0.0) / count, 4),
     }
     figures.update(tokens_exact(report, token_sample))
     say(f"  tokens exact: {figures['tokens_exact']:.3f} of {figures['tokens_checked']} planned items checked")

@@ -29,7 +29,7 @@ from include.cosmos_upsample.tokens import (
     pixtral_counter,
     planner_tokenizer_file,
 )
-from include.cosmos_upsample.video import VideoError, VideoInfo, cached_hint, hint_key, hint_times, probe
+from include.cosmos_upsample.video import VideoError, VideoInfo, cached_hint, hint_key, hint_times, probe_once
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def _hint_video(spec: PromptSpec, source: Path, settings: Settings, videos: Vide
     else:
         label = f"{source.name}: {choice.field} video {choice.path!r}"
     local = local_file(video, videos)
-    info = probe(local, label)
+    info = probe_once(local, label)
     if info.frame_count is not None and info.frame_count < settings.num_frames:
         raise VideoError(
             f"{label} has {info.frame_count} frame(s), fewer than num_frames={settings.num_frames}; "

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import re
 import shutil
 import tempfile
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,6 +114,34 @@ def probe(path: Path, label: str) -> VideoInfo:
     raw_duration = stream.get("duration") or info.get("format", {}).get("duration")
     duration = float(raw_duration) if raw_duration not in (None, "N/A") else None
     return VideoInfo(width, height, duration, _frame_count(stream, duration), _frame_rate(stream))
+
+
+# Probes kept per process: specs share clips (several prompts per video), and one ffprobe costs ~0.07-0.1 s of
+# process start-up, most of a dry run's validation.
+PROBE_CACHE_SIZE = 4096
+_probed: OrderedDict[tuple, VideoInfo] = OrderedDict()
+_probed_lock = threading.Lock()
+
+
+def probe_once(path: Path, label: str) -> VideoInfo:
+    """`probe`, run once per version of a file in this process: keyed by the path and its inode, size, mtime and
+    ctime, so a replaced or rewritten video is probed again. Failures are not kept: their reason names the spec."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return probe(path, label)  # probe words what is wrong with it
+    key = (str(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    with _probed_lock:
+        info = _probed.get(key)
+        if info is not None:
+            _probed.move_to_end(key)
+            return info
+    info = probe(path, label)
+    with _probed_lock:
+        _probed[key] = info
+        if len(_probed) > PROBE_CACHE_SIZE:
+            _probed.popitem(last=False)
+    return info
 
 
 def frame_times(duration: float | None, count: int) -> list[float]:
@@ -238,11 +269,32 @@ def cached_hint(cache_dir: Path, video: Path, times: list[float], width: int, he
     names = frame_names(len(times))
     if all((cache_dir / name).is_file() for name in names):
         return [cache_dir / name for name in names]
+    # Specs that share a clip share its hints: the chunk's other thread waits for this one's frames.
+    with _hint_lock(cache_dir):
+        if all((cache_dir / name).is_file() for name in names):
+            return [cache_dir / name for name in names]
+        _extract_into(cache_dir, names, video, times, width, height, label, first=first, derive=derive,
+                      source_size=source_size)
+    return [cache_dir / name for name in names]
+
+
+_hint_locks: dict[str, threading.Lock] = {}
+_hint_locks_lock = threading.Lock()
+
+
+def _hint_lock(cache_dir: Path) -> threading.Lock:
+    with _hint_locks_lock:
+        if len(_hint_locks) > PROBE_CACHE_SIZE:
+            _hint_locks.clear()  # only a race between this process's threads is at stake; a rare repeat is harmless
+        return _hint_locks.setdefault(str(cache_dir), threading.Lock())
+
+
+def _extract_into(cache_dir: Path, names: list[str], video: Path, times: list[float], width: int, height: int,
+                  label: str, **how) -> None:
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.", dir=cache_dir.parent))
     try:
-        extract_frames(video, times, width, height, staging, label, first=first, derive=derive,
-                       source_size=source_size)
+        extract_frames(video, times, width, height, staging, label, **how)
         try:
             staging.rename(cache_dir)
         except OSError:
@@ -251,4 +303,3 @@ def cached_hint(cache_dir: Path, video: Path, times: list[float], width: int, he
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return [cache_dir / name for name in names]

@@ -320,19 +320,20 @@ def test_a_crash_on_one_spec_fails_only_that_spec(tmp_path, monkeypatch):
     from include.cosmos_upsample.settings import Settings
 
     folder = small_input(tmp_path / "in", 2)
-    real_probe = validate.probe
+    real_load_spec = validate.load_spec
 
-    def probe(path: Path, label: str):
-        if label.startswith("spec_0.json"):
-            raise RuntimeError("decoder exploded")
-        return real_probe(path, label)
+    # Not the probe: the specs share one video, probed once per process.
+    def load_spec(path: Path):
+        if path.name == "spec_0.json":
+            raise RuntimeError("parser exploded")
+        return real_load_spec(path)
 
-    monkeypatch.setattr(validate, "probe", probe)
+    monkeypatch.setattr(validate, "load_spec", load_spec)
     settings = Settings(input_dir=str(folder), output_dir=str(tmp_path / "out"), backend="vllm", dry_run=True)
     entries = [{"source_path": str(folder / f"spec_{index}.json"), "key": f"k{index}"} for index in range(2)]
     items = validate.validate_entries(entries, settings, OutputLayout.at(settings.output_dir))
     assert [item.status for item in items] == ["failed", "valid"]
-    assert items[0].reason.startswith("spec_0.json: validation crashed (RuntimeError: decoder exploded)")
+    assert items[0].reason.startswith("spec_0.json: validation crashed (RuntimeError: parser exploded)")
 
 
 def test_a_second_worker_on_a_held_job_exits_75_and_pays_nothing(tmp_path):

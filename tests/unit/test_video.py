@@ -13,6 +13,7 @@ from include.cosmos_upsample.video import (
     hint_key,
     hint_times,
     probe,
+    probe_once,
 )
 from tests.helpers import make_colour_video, make_video, mean_rgb
 
@@ -37,6 +38,26 @@ class TestProbe:
             probe(garbage, "x")
 
 
+class TestProbeOnce:
+    def test_a_video_is_probed_once_until_it_changes(self, tmp_path, monkeypatch):
+        from include.cosmos_upsample import video
+
+        clip = make_video(tmp_path / "clip.mp4", 64, 36, seconds=1)
+        probed = []
+        monkeypatch.setattr(video, "probe", lambda path, label: probed.append(label) or probe(path, label))
+        first = probe_once(clip, "a.json")
+        assert probe_once(clip, "b.json") == first and probed == ["a.json"]
+        make_video(clip, 80, 48, seconds=1)  # rewritten in place: a new size, mtime and ctime
+        assert (probe_once(clip, "c.json").width, probed) == (80, ["a.json", "c.json"])
+
+    def test_failures_are_not_kept_and_name_each_spec(self, tmp_path):
+        garbage = tmp_path / "x.mp4"
+        garbage.write_bytes(b"\x00not a video" * 100)
+        for label in ("a.json", "b.json"):
+            with pytest.raises(VideoError, match=f"^{label}: unreadable video"):
+                probe_once(garbage, label)
+
+
 class TestFrames:
     def test_frame_times_spread_inside_the_clip(self):
         assert frame_times(10.0, 2) == [2.5, 7.5]
@@ -51,6 +72,19 @@ class TestFrames:
         mtime = frames[0].stat().st_mtime_ns
         cached_hint(tmp_path / "hint", sample_video, [0.5, 1.5], 320, 180, "clip")
         assert frames[0].stat().st_mtime_ns == mtime
+
+    def test_threads_asking_for_one_hint_extract_it_once(self, tmp_path, sample_video, monkeypatch):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from include.cosmos_upsample import video
+
+        runs = []
+        real = video.extract_frames
+        monkeypatch.setattr(video, "extract_frames", lambda *args, **kwargs: runs.append(1) or real(*args, **kwargs))
+        with ThreadPoolExecutor(4) as pool:
+            hints = list(pool.map(lambda _: cached_hint(tmp_path / "hint", sample_video, [0.5], 64, 36, "clip"),
+                                  range(4)))
+        assert len(runs) == 1 and all(hint == hints[0] for hint in hints)
 
     def test_truncated_video_gives_a_clear_reason(self, tmp_path):
         video = make_video(tmp_path / "long.mp4", 320, 180, seconds=4)
