@@ -32,6 +32,7 @@ from include.cosmos_upsample.jobformat import (
     DIE_AFTER_ENV,
     EXIT_JOB_BUSY,
     EXIT_TOKENIZER_MISMATCH,
+    REFUSAL_PREFIX,
     Job,
     JobItem,
     Ledger,
@@ -273,7 +274,7 @@ def _run_locked(job_dir: Path, backend_factory: Callable[[Job], Any] | None, gpu
         try:
             return _answer(job, todo, ledger, job_dir, backend_factory)
         except TokenizerMismatch as exc:
-            print(f"refusing job {job.job_key}: {exc}", file=sys.stderr, flush=True)
+            print(f"{REFUSAL_PREFIX} {job.job_key}: {exc}", file=sys.stderr, flush=True)
             return EXIT_TOKENIZER_MISMATCH
 
 

@@ -33,6 +33,8 @@ GPU_LOCK_NAME = ".gpu.lock"
 EXIT_JOB_BUSY = 75
 # The worker's exit status when the engine counts prompts differently from the plan: every hint size would be wrong.
 EXIT_TOKENIZER_MISMATCH = 78
+# How the worker's last line of output begins when it refuses a job for that reason (the runners quote that line).
+REFUSAL_PREFIX = "refusing job"
 # Fault injection for the test suite: the worker SIGKILLs itself after this many new results.
 DIE_AFTER_ENV = "COSMOS_UPSAMPLE_WORKER_DIE_AFTER"
 

@@ -520,8 +520,7 @@ def run_docker_job(settings: Settings, job_info: dict[str, Any], context: dict[s
     if code == EXIT_JOB_BUSY:
         raise WorkerFailed(f"job {job.job_key} is held by another worker on {job.conn_id}; the retry adopts it")
     if code == EXIT_TOKENIZER_MISMATCH:
-        refusal = [line for line in watch.tail if line.startswith("refusing job")] or list(watch.tail)
-        raise PlanNotTheEngines(f"on {job.conn_id}: {refusal[-1] if refusal else 'tokenizer mismatch'}")
+        raise PlanNotTheEngines.from_output(watch.tail, where=f"on {job.conn_id}: ")
     if code != 0:
         raise WorkerFailed(
             f"worker container for job {job.job_key} on {job.conn_id} exited with status {code}; finished items are "

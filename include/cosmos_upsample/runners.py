@@ -55,8 +55,7 @@ def run_local_job(job_dir: Path, python: str = "") -> None:
             process.kill()
             process.wait()
     if code == EXIT_TOKENIZER_MISMATCH:
-        refusal = [line for line in tail if line.startswith("refusing job")] or list(tail)
-        raise PlanNotTheEngines(refusal[-1])
+        raise PlanNotTheEngines.from_output(tail)
     if code != 0:
         raise WorkerFailed(
             f"worker for job {job_dir.name} {describe_exit(code)}; finished items are kept in the ledger and a "

@@ -96,3 +96,14 @@ def test_jobs_on_one_machine_take_turns_on_the_gpu(tmp_path):
     run("b", 0)
     first.join()
     assert order == ["a in", "a out", "b in", "b out"]
+
+
+def test_a_refused_job_fails_for_good_quoting_the_workers_refusal():
+    from include.cosmos_upsample.errors import NotRetryable, PlanNotTheEngines
+    from include.cosmos_upsample.jobformat import REFUSAL_PREFIX
+
+    refusal = f"{REFUSAL_PREFIX} j: the engine counts 515 prompt tokens for spec, the plan 514: ..."
+    output = ["model loaded in 3.1s", refusal, "INFO engine shut down"]
+    error = PlanNotTheEngines.from_output(output, where="on gpu_1: ")
+    assert isinstance(error, NotRetryable) and str(error) == f"on gpu_1: {refusal}"
+    assert str(PlanNotTheEngines.from_output([])) == "tokenizer mismatch"
