@@ -80,10 +80,12 @@ def provenance(item: Item, entry: dict[str, Any], settings: Settings, run_id: st
 def merge_item(item: Item, entry: dict[str, Any] | None, job_error: str | None, layout: OutputLayout,
                settings: Settings, run_id: str) -> Item:
     """Write one output spec; whatever goes wrong becomes this item's `failed` reason, never the run's crash."""
+    # The engine's own prompt count, whenever the engine saw the item (also when the answer could not be written).
+    engine_count = (entry or {}).get("prompt_tokens")
+    item = item.model_copy(update={"tokens": item.tokens.model_copy(update={"engine": engine_count})})
     if entry is None or entry.get("status") != "ok":
         reason = (entry or {}).get("reason") or job_error or "the model job ended without an answer for this item"
-        tokens = item.tokens.model_copy(update={"engine": (entry or {}).get("prompt_tokens")})
-        return item.model_copy(update={"status": "failed", "reason": reason, "tokens": tokens})
+        return item.model_copy(update={"status": "failed", "reason": reason})
     output = layout.spec_path(item.spec_id)
     try:
         spec = load_spec(path_from(item.source_path))
@@ -92,8 +94,7 @@ def merge_item(item: Item, entry: dict[str, Any] | None, job_error: str | None, 
         reason = (f"{Path(item.source_path).name}: could not write {output} ({exc}); free space or fix permissions "
                   "there, then re-run: the model's answer is kept and not paid again")
         return item.model_copy(update={"status": "failed", "reason": reason})
-    tokens = item.tokens.model_copy(update={"engine": entry.get("prompt_tokens")})
-    return item.model_copy(update={"status": "upsampled", "output_path": str(output), "tokens": tokens,
+    return item.model_copy(update={"status": "upsampled", "output_path": str(output),
                                    "upsampled_prompt": entry["text"], "frames_sent": entry.get("frames_sent", 0)})
 
 

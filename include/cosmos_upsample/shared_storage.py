@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import json
 import os
 import socket
 from pathlib import Path
 
 from include.cosmos_upsample.errors import NotRetryable
+from include.cosmos_upsample.layout import read_json, write_json_atomic
 
 MARKER_NAME = ".shared-marker"
 
@@ -41,18 +41,14 @@ def missing_message(run_dir: Path, host: str) -> str:
 
 def write_marker(run_dir: Path) -> Path:
     """Called by `discover`; the record says which worker wrote it, for the error message of one that cannot see it."""
-    run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / MARKER_NAME
-    record = marker_record(socket.gethostname(), os.getpid(), dt.datetime.now(dt.UTC))
-    tmp = path.with_name(f"{MARKER_NAME}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(path, marker_record(socket.gethostname(), os.getpid(), dt.datetime.now(dt.UTC)))
     return path
 
 
 def read_marker(run_dir: Path) -> dict[str, object] | None:
     try:
-        return json.loads((run_dir / MARKER_NAME).read_text(encoding="utf-8"))
+        return read_json(run_dir / MARKER_NAME)
     except (OSError, ValueError):
         return None
 

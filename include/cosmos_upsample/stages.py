@@ -105,6 +105,13 @@ def load_settings(run: RunFolder) -> Settings:
     return Settings.model_validate(read_json(run.settings))
 
 
+def open_run(run_dir: str | Path) -> tuple[RunFolder, Settings]:
+    """What every stage after discover does first: check this worker sees the run folder, then read the settings."""
+    run = RunFolder.at(run_dir)
+    require_shared(run.path)
+    return run, load_settings(run)
+
+
 def discover(params: Mapping[str, Any], run_id: str, variable_get: Callable[[str], str | None],
              environ: Mapping[str, str]) -> tuple[Path, list[str]]:
     """Resolve the settings, list the specs, set cached ones aside; returns the run folder and the chunk files."""
@@ -151,9 +158,8 @@ def validate_chunk(run_dir: str | Path, chunk_path: str) -> str:
     from include.cosmos_upsample.storage import is_url, video_cache
     from include.cosmos_upsample.validate import validate_entries
 
-    run, chunk = RunFolder.at(run_dir), Path(chunk_path)
-    require_shared(run.path)
-    settings = load_settings(run)
+    run, settings = open_run(run_dir)
+    chunk = Path(chunk_path)
     out = run.validated(chunk)
     # Videos in object storage are fetched once into work_dir's cache; its hits and downloads are kept per chunk.
     videos = video_cache(settings.work_dir, settings.video_cache_gb) if is_url(settings.input_dir) else None
@@ -168,17 +174,17 @@ def validate_chunk(run_dir: str | Path, chunk_path: str) -> str:
     return str(out)
 
 
-def _all_items(run: RunFolder) -> list[Item]:
+def _all_items(run: RunFolder, budget: int) -> list[Item]:
     items = load_items(run.discovered)
     for path in run.validated_files():
         items.extend(load_items(path))
-    items.extend(_unvalidated(run))
+    items.extend(_unvalidated(run, budget))
     return sorted(items, key=lambda item: item.source_path)
 
 
-def _unvalidated(run: RunFolder) -> list[Item]:
+def _unvalidated(run: RunFolder, budget: int) -> list[Item]:
     """The specs of a chunk whose validate task failed for good: reported as failed, never silently dropped."""
-    budget, missing = load_settings(run).token_budget, []
+    missing = []
     for chunk in run.chunks():
         if not run.validated(chunk).exists():
             missing.extend(failed_item(path_from(entry["source_path"]), (
@@ -195,12 +201,10 @@ def batch(run_dir: str | Path, validated: list[str]) -> list[dict[str, Any]]:
     from include.cosmos_upsample.merge import earlier_answers, point_to_job
     from include.cosmos_upsample.tokens import planner_tokenizer
 
-    run = RunFolder.at(run_dir)
-    require_shared(run.path)
-    settings = load_settings(run)
+    run, settings = open_run(run_dir)
     layout = OutputLayout.at(settings.work_dir)
     with timed_stage(run, "batch"):
-        valid = {item.key: item for item in _all_items(run) if item.status == "valid"}
+        valid = {item.key: item for item in _all_items(run, settings.token_budget) if item.status == "valid"}
         answered = {} if settings.dry_run else earlier_answers(layout, valid)
         hosts, pinned = _gpu_hosts_and_live_jobs(settings, layout, valid)
         slots = all_slots(hosts)
@@ -247,9 +251,7 @@ def _worker_model(settings: Settings) -> str:
 
 
 def upsample(run_dir: str | Path, job: dict[str, Any], map_index: int, context: Mapping[str, Any]) -> dict[str, Any]:
-    run = RunFolder.at(run_dir)
-    require_shared(run.path)
-    settings = load_settings(run)
+    run, settings = open_run(run_dir)
     if settings.dry_run or not job["job_key"]:
         log.info("nothing to send to a model (%s)", "dry run" if settings.dry_run else "no valid items")
         return {"job_key": job["job_key"], "ran": False}
@@ -275,9 +277,7 @@ def upsample(run_dir: str | Path, job: dict[str, Any], map_index: int, context: 
 def merge(run_dir: str | Path, run_id: str) -> str:
     from include.cosmos_upsample.merge import merge_items
 
-    run = RunFolder.at(run_dir)
-    require_shared(run.path)
-    settings = load_settings(run)
+    run, settings = open_run(run_dir)
     with timed_stage(run, "merge"):
         plan = read_json(run.plan) if run.plan.exists() else {"jobs": []}
         job_dirs = {key: Path(job_dir) for key, job_dir in plan.get("answered", {}).items()}
@@ -285,7 +285,8 @@ def merge(run_dir: str | Path, run_id: str) -> str:
             job_dir = Path(job["job_dir"])
             if (job_dir / MANIFEST_NAME).exists():
                 job_dirs.update({item.key: job_dir for item in Job.read(job_dir).items})
-        items = merge_items(_all_items(run), job_dirs, output_layout(settings.output_dir), settings, run_id)
+        items = merge_items(_all_items(run, settings.token_budget), job_dirs, output_layout(settings.output_dir),
+                            settings, run_id)
         save_items(run.merged, items)
     return str(run.merged)
 
@@ -297,9 +298,7 @@ def report(run_dir: str | Path, run_id: str, dag_id: str, started_at: str,
 
     from include.cosmos_upsample.report import TooManyFailures, build_report, failure_exceeded, write_report
 
-    run = RunFolder.at(run_dir)
-    require_shared(run.path)
-    settings = load_settings(run)
+    run, settings = open_run(run_dir)
     with timed_stage(run, "report"):
         items = load_items(run.merged)
     finished_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
