@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from include.cosmos_upsample.storage import is_remote, object_identity, resolve_object
+
 # Spec ids become file names under output_dir/specs, so they must be a single harmless path component.
 SPEC_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -84,7 +86,7 @@ def is_within(path: Path, folder: Path) -> bool:
 def check_spec_file(path: Path, input_dir: Path) -> None:
     """A spec file that is a symlink leading out of input_dir is refused before it is read. (Object storage has no
     symlinks; its spec keys come from listing input_dir's prefix.)"""
-    if "://" in str(path):
+    if is_remote(path):
         return
     if not is_within(Path(os.path.realpath(path)), Path(input_dir).resolve()):
         raise SpecError(f"{path.name}: is a symlink to a file outside input_dir; copy the spec into input_dir")
@@ -102,9 +104,7 @@ def resolve_input_file(raw: str, field: str, noun: str, spec_path: Path, input_d
     input_dir; symlinks and '..' that leave it are refused. `field` and `noun` name it in the reason, e.g.
     ("control_inputs.depth", "control video"). A spec in a sub-folder (spec_pattern **/*.json) may also name a file
     next to itself: that is tried first. On object storage the same rules hold for keys (storage.resolve_object)."""
-    if "://" in str(input_dir):
-        from include.cosmos_upsample.storage import resolve_object
-
+    if is_remote(input_dir):
         return resolve_object(raw, field, noun, spec_path, input_dir)
     root = input_dir.resolve()
     candidate = Path(raw)
@@ -129,9 +129,7 @@ def resolve_input_file(raw: str, field: str, noun: str, spec_path: Path, input_d
 
 def file_identity(path: Path) -> str:
     """Cheap identity of a (possibly large) file: a changed video gets a new size or mtime (an object: its ETag)."""
-    if "://" in str(path):
-        from include.cosmos_upsample.storage import object_identity
-
+    if is_remote(path):
         return object_identity(path)
     stat = path.stat()
     return f"{path}|{stat.st_size}|{stat.st_mtime_ns}"

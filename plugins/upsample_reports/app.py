@@ -26,6 +26,7 @@ from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader
 
 from include.cosmos_upsample.report_model import FinalStatus
+from include.cosmos_upsample.storage import is_remote
 from upsample_reports import charts
 from upsample_reports.reports import DAG_ID, ReportNotFound, RunIndex, item_output_file, load_report
 from upsample_reports.views import run_context, summaries, summary
@@ -180,7 +181,7 @@ def output_spec(request: Request, run_id: str, spec_id: str) -> Response:
     if path is None:
         return JSONResponse({"detail": f"The report of {run_id!r} names no output for {spec_id!r}"}, 404)
     headers = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'; sandbox"}
-    if "://" in str(path):  # an output in object storage (size checked by item_output_file)
+    if is_remote(path):  # an output in object storage (size checked by item_output_file)
         return Response(path.read_bytes(), media_type="application/json", headers=headers)
     return FileResponse(path, media_type="application/json", headers=headers)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from include.cosmos_upsample.layout import REPORTS, OutputLayout, safe_name
 from include.cosmos_upsample.report_model import RunReport
 from include.cosmos_upsample.settings import DAG_ID, DEFAULT_OUTPUT_DIR, ENV_PREFIX, VARIABLE_PREFIX
+from include.cosmos_upsample.storage import is_remote, is_url, path_from
 from upsample_reports.records import RunRecord, local_path, parse_time
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ class _ReportCache:
         self._max_entries = max_entries
 
     def load(self, path: Path) -> RunReport:
-        if "://" in str(path):  # fsspec caches listings per process: the api-server must see a rewritten report
+        if is_remote(path):  # fsspec caches listings per process: the api-server must see a rewritten report
             path.fs.invalidate_cache(path.path)
         stat = path.stat()
         if stat.st_size > MAX_REPORT_BYTES:
@@ -57,10 +58,8 @@ _REPORTS = _ReportCache()
 def object_path(value: object) -> Path | None:
     """An object-storage location as the DAG records it (`s3://conn_id@bucket/key`, see include/.../storage.py),
     read through Airflow's ObjectStoragePath with that connection; None for anything else."""
-    if not isinstance(value, str) or "://" not in value or value.startswith("file://") or "\x00" in value:
+    if not isinstance(value, str) or not is_url(value) or "\x00" in value:
         return None
-    from include.cosmos_upsample.storage import path_from
-
     try:
         return path_from(value)
     except Exception as exc:  # an unknown scheme or a provider that is not installed
@@ -93,7 +92,7 @@ def output_dir_of(report_path: Path) -> Path:
 def item_output_file(report: RunReport, report_path: Path, spec_id: str) -> Path | None:
     """The output spec the report names for `spec_id`, if it is a JSON file inside the report's output dir."""
     root = output_dir_of(report_path).resolve()
-    remote = "://" in str(report_path)
+    remote = is_remote(report_path)
     item = next((item for item in report.items if item.spec_id == spec_id), None)
     path = (object_path if remote else local_path)(item.output_path) if item else None
     if path is None or path.suffix != ".json":
@@ -139,7 +138,7 @@ class DirectoryRuns:
         seen: set[Path] = set()
         for output_dir in [*self._output_dirs(), *extra_dirs]:
             reports_dir = OutputLayout(output_dir).reports_dir
-            if "://" in str(reports_dir):  # object storage: list afresh, not from fsspec's per-process cache
+            if is_remote(reports_dir):  # object storage: list afresh, not from fsspec's per-process cache
                 reports_dir.fs.invalidate_cache(reports_dir.path)
             if reports_dir in seen or not reports_dir.is_dir():
                 continue

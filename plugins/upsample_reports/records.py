@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from include.cosmos_upsample.settings import DAG_ID
+from include.cosmos_upsample.storage import is_remote
 
 
 class ReportNotFound(LookupError):
@@ -33,7 +34,7 @@ class RunRecord:
 
 def local_path(value: Any) -> Path | None:
     """An absolute local path from an XCom or report value; object-storage URLs and relative paths are refused."""
-    if not isinstance(value, str) or not value or "://" in value or "\x00" in value:
+    if not isinstance(value, str) or not value or is_remote(value) or "\x00" in value:
         return None
     path = Path(value)
     return path if path.is_absolute() else None
