@@ -285,6 +285,8 @@ def test_an_output_in_the_way_fails_its_item_and_the_answer_is_not_paid_again(ai
     assert items["spec_0"]["status"] == "failed"
     assert str(out / "specs" / "spec_0.json") in items["spec_0"]["reason"]
     assert "Is a directory" in items["spec_0"]["reason"]
+    # The model saw it: its engine count is reported although the answer could not be written.
+    assert items["spec_0"]["tokens"]["engine"] == items["spec_0"]["tokens"]["prompt"]
     assert items["spec_1"]["status"] == items["spec_2"]["status"] == "upsampled"
 
     # The folder is removed; the re-run writes spec_0 from its kept answer (the others are cached). Its job would
