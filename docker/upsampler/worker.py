@@ -133,6 +133,9 @@ class VllmBackend:
 
     Not `LLM.chat` over the whole job: that returns nothing until every answer exists, and on vLLM 0.11 a request
     rejected mid-call leaves the earlier ones queued, to come back with the next call's answers (vLLM issue 26081).
+    The pieces are `LLM.chat`'s own, used one request at a time (vLLM 0.32, `vllm/entrypoints/common/offline.py`):
+    `_preprocess_chat` renders with `renderer.render_chat`, `_add_request` calls `llm_engine.add_request`, and
+    `_run_engine` drains `llm_engine.step()` keeping the finished outputs.
     """
 
     frames_sent = True
