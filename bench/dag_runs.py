@@ -31,7 +31,7 @@ class DagRun:
         return read_json(OutputLayout.at(self.output_dir).report_paths(self.run_id)[0])
 
     def plan_jobs(self) -> list[dict]:
-        return read_json(OutputLayout.at(self.output_dir).run_folder(self.run_id).plan)["jobs"]
+        return OutputLayout.at(self.output_dir).run_folder(self.run_id).planned_jobs()[0]
 
     def model_loaded_lines(self) -> int:
         return len(MODEL_LOADED.findall(self.output))

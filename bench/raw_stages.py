@@ -36,10 +36,11 @@ def run_stages(input_dir: str, output_dir: str) -> dict[str, float]:
     seconds["import"] = time.perf_counter() - started
     params = {"input_dir": input_dir, "output_dir": output_dir, "backend": "llama_cpp", "runner": "local"}
     run_dir, chunks = timed("discover", stages.discover, params, RUN_ID, lambda _key: None, {})
-    validated = [timed("validate", stages.validate_chunk, run_dir, chunk) for chunk in chunks]
-    jobs = timed("batch", stages.batch, run_dir, validated)
-    for index, job in enumerate(jobs):
-        timed("upsample", stages.upsample, run_dir, job, index, {})
+    jobs = []
+    for index, chunk in enumerate(chunks):  # each chunk on its own, as the DAG's mapped task group runs it
+        jobs.append(timed("batch", stages.batch, run_dir, chunk, timed("validate", stages.validate_chunk, run_dir,
+                                                                          chunk)))
+        timed("upsample", stages.upsample, run_dir, jobs[-1], index, {})
     merged = timed("merge", stages.merge, str(run_dir), RUN_ID)
     timed("report", stages.report, str(run_dir), RUN_ID, "bench", "1970-01-01T00:00:00+00:00")
     seconds["raw"] = seconds["validate"] + seconds["upsample"] + seconds["merge"]

@@ -62,7 +62,7 @@ def discover_and_validate(params: dict, run_id: str) -> tuple[float, float, Path
     run_dir, chunks = stages.discover(params, run_id, lambda _key: None, {})
     discovered = time.perf_counter()
     for chunk in chunks:
-        stages.validate_chunk(chunk)
+        stages.validate_chunk(run_dir, chunk)
     return discovered - started, time.perf_counter() - discovered, run_dir
 
 

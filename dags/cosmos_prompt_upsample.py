@@ -4,10 +4,12 @@
 Turns short Cosmos `PromptSpec` prompts into long, precise video descriptions with a vision-language model that
 also sees a few low-resolution frames (the *hint*) of each prompt's video.
 
-**discover** the `*.json` specs of `input_dir` (up-to-date outputs are `cached`) ->
-**validate** chunks of specs: probe videos, size the hint to the exact token budget, extract frames ->
-**batch** valid items into model jobs ->
-**upsample** each job with one model load (runner `local` here, or `docker` on GPU hosts over SSH) ->
+**discover** the `*.json` specs of `input_dir` (up-to-date outputs are `cached`) and plan them into chunks, one
+per model job and GPU slot -> then each chunk on its own, as soon as it can:
+**validate** its specs: probe videos, size the hint to the exact token budget, extract frames ->
+**batch** its valid items into the chunk's model job ->
+**upsample** the job with one model load (runner `local` here, or `docker` on GPU hosts over SSH) ->
+then, once every chunk is done:
 **merge_metadata** into `output_dir/specs/<id>.json` ->
 **report** to `output_dir/reports/<run_id>.json|html` (also under *Upsample reports* in the UI).
 
@@ -19,9 +21,9 @@ from __future__ import annotations
 
 import datetime as dt
 
-from airflow.sdk import Asset, Param, dag, task
+from airflow.sdk import Asset, Param, dag, task, task_group
 
-from include.cosmos_upsample.deployment import default_args, upsample_task_options
+from include.cosmos_upsample.deployment import default_args, upsample_task_options, validate_task_options
 from include.cosmos_upsample.settings import (
     ASSET_URI,
     DAG_ID,
@@ -39,6 +41,13 @@ UPSAMPLED_PROMPTS = Asset(ASSET_URI)
 PARAMS = {name: Param(None, **schema) for name, schema in param_schemas().items()}
 
 
+def label_by_chunk(chunk: str) -> None:
+    """Name a chunk's mapped task instance in the UI by its chunk file (their map_index_template reads it)."""
+    from airflow.sdk import get_current_context
+
+    get_current_context()["chunk_label"] = chunk.rsplit("/", 1)[-1]
+
+
 @dag(
     dag_id=DAG_ID,
     schedule="@daily",
@@ -50,8 +59,8 @@ PARAMS = {name: Param(None, **schema) for name, schema in param_schemas().items(
     tags=["cosmos", "upsampling", "vlm"],
     doc_md=__doc__,
 )
-def cosmos_prompt_upsample():
-    # Returns the chunk files (validate maps over them) and publishes the run folder as its second output:
+def cosmos_prompt_upsample():  # noqa: C901 - one nested function per task is the TaskFlow shape
+    # Returns the chunk files (the per-chunk group maps over them) and publishes the run folder as a second output:
     # Airflow maps only over a return value, never over one key of `multiple_outputs`.
     @task
     def discover(params=None, run_id=None, ti=None):
@@ -65,20 +74,21 @@ def cosmos_prompt_upsample():
         ti.xcom_push(key=RUN_DIR_XCOM_KEY, value=str(run_dir))
         return chunks
 
-    @task(map_index_template="{{ chunk_label }}")
+    # At most N chunks in validation per run (env COSMOS_UPSAMPLE_VALIDATE_CONCURRENCY), so that a validated chunk's
+    # batch and upsample are not queued behind every other chunk's validation: see deployment.py.
+    @task(map_index_template="{{ chunk_label }}", **validate_task_options())
     def validate(run_dir: str, chunk: str):
-        from airflow.sdk import get_current_context
-
         from include.cosmos_upsample import stages
 
-        get_current_context()["chunk_label"] = chunk.rsplit("/", 1)[-1]
+        label_by_chunk(chunk)
         return stages.validate_chunk(run_dir, chunk)
 
-    @task
-    def batch(run_dir: str, validated: list[str]):
+    @task(map_index_template="{{ chunk_label }}")
+    def batch(run_dir: str, chunk: str, validated: str):
         from include.cosmos_upsample import stages
 
-        return stages.batch(run_dir, list(validated))
+        label_by_chunk(chunk)
+        return stages.batch(run_dir, chunk, validated)
 
     # The queue is a deployment setting (env COSMOS_UPSAMPLE_UPSAMPLE_QUEUE), read at parse time: see deployment.py.
     @task(map_index_template="{{ job_label }}", pool=GPU_POOL, **upsample_task_options())
@@ -120,11 +130,17 @@ def cosmos_prompt_upsample():
         except NotRetryable as exc:  # too many failed specs: the report is written, a retry cannot change it
             raise AirflowFailException(str(exc)) from exc
 
+    # A mapped task group: Airflow runs each chunk's tasks as soon as that chunk's previous one is done, so the first
+    # jobs hold GPUs while later chunks are still validated. No group prefix: the task ids stay the stage names.
+    @task_group(group_id="chunk", prefix_group_id=False)
+    def each_chunk(run_dir: str, chunk: str):
+        job = batch(run_dir, chunk, validate(run_dir, chunk))
+        return upsample(run_dir, job)
+
     chunks = discover()
     run_dir = chunks[RUN_DIR_XCOM_KEY]  # discover's second output; every later stage is handed it
-    jobs = batch(run_dir, validate.partial(run_dir=run_dir).expand(chunk=chunks))
     merged = merge_metadata(run_dir)
-    upsample.partial(run_dir=run_dir).expand(job=jobs) >> merged
+    each_chunk.partial(run_dir=run_dir).expand(chunk=chunks) >> merged
     report(run_dir, merged)
 
 

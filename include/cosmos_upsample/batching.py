@@ -1,4 +1,4 @@
-"""Chunks for mapped validation and model jobs for mapped upsampling: pure functions over lists."""
+"""Model jobs (one per chunk of the DAG's mapped task group): pure functions over lists."""
 
 from __future__ import annotations
 
@@ -12,20 +12,8 @@ from include.cosmos_upsample.gpu_slots import GpuSlot
 
 T = TypeVar("T")
 
-# Validation chunks: big enough that 1,000 specs make tens of task instances, not thousands.
-VALIDATE_CHUNK_SIZE = 50
 # Airflow's default [core] max_map_length: an upstream list longer than this fails the mapping.
 MAX_MAP_LENGTH = 1024
-
-
-def chunk_evenly(items: Sequence[T], max_size: int, max_chunks: int = MAX_MAP_LENGTH) -> list[list[T]]:
-    """Split into the fewest chunks of at most max_size, sizes within one of each other.
-
-    Past max_chunks the chunks grow instead, so a mapped task never exceeds Airflow's map length.
-    """
-    if not items:
-        return []
-    return split_evenly(items, min(math.ceil(len(items) / max_size), max_chunks))
 
 
 def split_evenly(items: Sequence[T], count: int) -> list[list[T]]:

@@ -25,12 +25,36 @@ def upsample_task_options(environ: Mapping[str, str] | None = None) -> dict[str,
     return {"queue": queue} if queue else {}
 
 
+# How many of a run's validate tasks may be queued or running at once (Airflow's max_active_tis_per_dagrun); 0: no
+# limit. Without a limit the scheduler hands every ready validate task to the executor at once, and a chunk's batch
+# and upsample, ready later, queue behind all of them: no GPU job starts before the whole input is validated. With
+# it, the next validate waits in the scheduler, where a ready batch/upsample outranks it (weight_rule "upstream").
+# Two already keep ahead of the GPUs (a chunk of ~60 specs validates in seconds, a 12B model loads in about a minute)
+# and leave worker slots for the batch and upsample tasks; raise it for object-storage inputs with slow downloads.
+VALIDATE_CONCURRENCY_ENV = ENV_PREFIX + "VALIDATE_CONCURRENCY"
+DEFAULT_VALIDATE_CONCURRENCY = 2
+
+
+def validate_task_options(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Keyword arguments for the `validate` task: `{"max_active_tis_per_dagrun": N}`, or nothing for no limit."""
+    value = (os.environ if environ is None else environ).get(VALIDATE_CONCURRENCY_ENV, "").strip()
+    limit = int(value) if value else DEFAULT_VALIDATE_CONCURRENCY
+    if limit < 0:
+        raise ValueError(f"{VALIDATE_CONCURRENCY_ENV}={value!r}: give a number of task instances, or 0 for no limit")
+    return {"max_active_tis_per_dagrun": limit} if limit else {}
+
+
 # The first retry's delay in seconds (then exponential backoff up to 10 minutes). Tests shorten it; default 5.
 RETRY_DELAY_ENV = ENV_PREFIX + "RETRY_DELAY_SECONDS"
 
 
 def default_args(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The DAG's default_args: 3 retries with exponential backoff, the first after RETRY_DELAY_ENV seconds."""
+    """The DAG's default_args: 3 retries with exponential backoff, the first after RETRY_DELAY_ENV seconds.
+
+    Priority grows downstream (weight_rule "upstream"): when workers are scarce, a chunk whose validation is done
+    gets its batch and upsample run before further chunks are validated, so GPU jobs start early instead of after
+    the whole input (Airflow's default, "downstream", would favour the validate tasks).
+    """
     delay = float((os.environ if environ is None else environ).get(RETRY_DELAY_ENV, "") or 5)
     return {
         "owner": "cosmos",
@@ -38,4 +62,5 @@ def default_args(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         "retry_delay": dt.timedelta(seconds=delay),
         "retry_exponential_backoff": True,
         "max_retry_delay": dt.timedelta(minutes=10),
+        "weight_rule": "upstream",
     }

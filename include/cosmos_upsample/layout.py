@@ -6,7 +6,7 @@
     jobs/<job_key>/                   one model job: manifest.json, ledger.jsonl (the checkpoint), logs
     jobs/by-item/<item_key>           which job was given the item, so a later run reuses its answer
     runs/<run_id>/                    one run's folder (RunFolder): settings.json, discovered.json, chunks/,
-                                      validated/, plan.json, merged.json, stages/
+                                      validated/, plans/, merged.json, stages/
 """
 
 from __future__ import annotations
@@ -86,9 +86,10 @@ class RunFolder:
 
         settings.json           the settings discover resolved; every later stage reads them back
         discovered.json         items final at discovery (cached, duplicate ids)
-        chunks/chunk-NNNN.json  spec files to validate, one mapped validate task each
+        chunks/chunk-NNNN.json  the spec files of one future model job and the GPU slot it is planned on; each
+                                chunk runs its own validate -> batch -> upsample (a mapped task group)
         validated/chunk-NNNN.json  the items a validate task made of that chunk
-        plan.json               the model jobs batch planned, and the items earlier jobs already answered
+        plans/chunk-NNNN.json   the model job batch made of that chunk, and its items earlier jobs already answered
         merged.json             every item after merge: what the report shows
         stages/<stage>.json     seconds of work per stage (and per mapped index)
         video_cache/chunk-NNNN.json  video cache hits and downloads of a validate task (object-storage input)
@@ -107,10 +108,6 @@ class RunFolder:
     @property
     def discovered(self) -> Path:
         return self.path / "discovered.json"
-
-    @property
-    def plan(self) -> Path:
-        return self.path / "plan.json"
 
     @property
     def merged(self) -> Path:
@@ -144,6 +141,24 @@ class RunFolder:
 
     def validated_files(self) -> list[Path]:
         return sorted(self.validated_dir.glob("*.json"))
+
+    def job_plan(self, chunk: Path) -> Path:
+        """Where batch writes the model job it made of `chunk` (a file of chunks/)."""
+        return self.path / "plans" / chunk.name
+
+    def job_plans(self) -> list[Path]:
+        return sorted((self.path / "plans").glob("*.json"))
+
+    def planned_jobs(self) -> tuple[list[dict[str, Any]], dict[str, str]]:
+        """The jobs batch made so far (one per planned chunk that has items to send), and the items earlier jobs
+        already answered (item key -> that job's folder)."""
+        jobs: list[dict[str, Any]] = []
+        answered: dict[str, str] = {}
+        for path in self.job_plans():
+            plan = read_json(path)
+            jobs.extend([plan["job"]] if plan["job"]["job_key"] else [])
+            answered.update(plan["answered"])
+        return jobs, answered
 
     def stage_record(self, stage: str, index: int | None = None) -> Path:
         name = stage if index is None else f"{stage}-{index:04d}"

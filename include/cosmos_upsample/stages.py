@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from include.cosmos_upsample.batching import VALIDATE_CHUNK_SIZE, chunk_evenly, plan_jobs
+from include.cosmos_upsample.batching import job_key, plan_jobs
 from include.cosmos_upsample.gpu_slots import all_slots, engine_for
 from include.cosmos_upsample.hints import inputs_identity
 from include.cosmos_upsample.items import Item, Tokens, failed_item, invalid_item, load_items, save_items
@@ -114,7 +114,8 @@ def open_run(run_dir: str | Path) -> tuple[RunFolder, Settings]:
 
 def discover(params: Mapping[str, Any], run_id: str, variable_get: Callable[[str], str | None],
              environ: Mapping[str, str]) -> tuple[Path, list[str]]:
-    """Resolve the settings, list the specs, set cached ones aside; returns the run folder and the chunk files."""
+    """Resolve the settings, list the specs, set cached ones aside, plan the rest into chunks (one per model job);
+    returns the run folder and the chunk files."""
     settings = resolve_settings(params, variable_get, environ)
     input_dir = root_of(settings.input_dir, settings.storage_conn_id)
     output_dir = root_of(settings.output_dir, settings.storage_conn_id)
@@ -133,16 +134,38 @@ def discover(params: Mapping[str, Any], run_id: str, variable_get: Callable[[str
         sources = list_specs(input_dir, settings.spec_pattern)
         finals, pending = classify(sources, settings, output_layout(settings.output_dir))
         save_items(run.discovered, finals)
-        # Always one chunk at least, so the mapped validation (and what follows) runs even with nothing to do.
-        chunks = chunk_evenly(pending, VALIDATE_CHUNK_SIZE) or [[]]
         chunk_paths = []
-        for index, chunk in enumerate(chunks):
+        for index, chunk in enumerate(plan_chunks(pending, settings, layout)):
             path = run.chunk(index)
             write_json_atomic(path, chunk)
             chunk_paths.append(str(path))
-    log.info("discovered %d spec files in %s: %d cached or duplicate, %d to validate in %d chunks",
-             len(sources), input_dir, len(finals), len(pending), len(chunk_paths))
+    log.info("discovered %d spec files in %s: %d cached or duplicate, %d to validate in %d chunks (one model job "
+             "each)", len(sources), input_dir, len(finals), len(pending), len(chunk_paths))
     return run.path, chunk_paths
+
+
+def plan_chunks(pending: list[dict], settings: Settings, layout: OutputLayout) -> list[dict[str, Any]]:
+    """One chunk per future model job, planned before validation so that each job can start as soon as its own
+    chunk is validated, while other chunks still are (the DAG maps validate -> batch -> upsample per chunk).
+
+    The jobs' count and slots follow batching.plan_jobs (jobs >= slots; a job whose container still runs is kept
+    whole, under its own key). A chunk records the slot's engine settings (tensor_parallel_size), so batch never
+    asks the hosts again. Specs that could not be read have no key; they ride along and validation reports them.
+    Always one chunk at least, so the mapped tasks (and merge, report) run even with nothing to do.
+    """
+    keyed = {entry["key"]: entry for entry in pending if entry["key"]}
+    hosts, pinned = _gpu_hosts_and_live_jobs(settings, layout, keyed)
+    slots = all_slots(hosts)
+    pinned_keys = {plan.job_key for plan in pinned}
+    chunks = [{"conn_id": plan.conn_id, "slot": plan.slot,
+               "engine": engine_for(slots, plan.conn_id, plan.slot, settings.backend),
+               "job_key": plan.job_key if plan.job_key in pinned_keys else None,
+               "entries": [keyed[key] for key in plan.item_keys]}
+              for plan in plan_jobs(list(keyed), settings.batch_max_items, slots, settings.fingerprint(), pinned)]
+    chunks = chunks or [{"conn_id": None, "slot": None, "engine": {}, "job_key": None, "entries": []}]
+    for index, entry in enumerate(entry for entry in pending if not entry["key"]):
+        chunks[index % len(chunks)]["entries"].append(entry)
+    return chunks
 
 
 def output_location(settings: Settings) -> dict[str, str]:
@@ -164,7 +187,8 @@ def validate_chunk(run_dir: str | Path, chunk_path: str) -> str:
     # Videos in object storage are fetched once into work_dir's cache; its hits and downloads are kept per chunk.
     videos = video_cache(settings.work_dir, settings.video_cache_gb) if is_url(settings.input_dir) else None
     with timed_stage(run, "validate", RunFolder.chunk_index(chunk)):
-        items = validate_entries(read_json(chunk), settings, OutputLayout.at(settings.work_dir), videos=videos)
+        entries = read_json(chunk)["entries"]
+        items = validate_entries(entries, settings, OutputLayout.at(settings.work_dir), videos=videos)
         save_items(out, items)
     if videos is not None:
         write_json_atomic(run.video_cache_stats(chunk), videos.stats.as_dict())
@@ -189,58 +213,54 @@ def _unvalidated(run: RunFolder, budget: int) -> list[Item]:
         if not run.validated(chunk).exists():
             missing.extend(failed_item(path_from(entry["source_path"]), (
                 f"{Path(entry['source_path']).name}: its validation ({chunk.stem}) did not finish; see that "
-                "validate task's log, then re-run"), budget) for entry in read_json(chunk))
+                "validate task's log, then re-run"), budget) for entry in read_json(chunk)["entries"])
     return missing
 
 
-def batch(run_dir: str | Path, validated: list[str]) -> list[dict[str, Any]]:
-    """Write one manifest per model job; returns the jobs to map over (at least one, maybe empty).
-
-    `validated` (the validate tasks' outputs) is what makes batch wait for them; the items are read from `run_dir`.
-    """
+def batch(run_dir: str | Path, chunk_path: str, validated: str) -> dict[str, Any]:
+    """Write the model job of one chunk's valid items that no earlier job answered; returns it for upsample
+    (a job without a key when there is nothing to send)."""
     from include.cosmos_upsample.merge import earlier_answers, point_to_job
     from include.cosmos_upsample.tokens import planner_tokenizer
 
     run, settings = open_run(run_dir)
     layout = OutputLayout.at(settings.work_dir)
-    with timed_stage(run, "batch"):
-        valid = {item.key: item for item in _all_items(run, settings.token_budget) if item.status == "valid"}
+    chunk = Path(chunk_path)
+    planned = read_json(chunk)
+    with timed_stage(run, "batch", RunFolder.chunk_index(chunk)):
+        valid = {item.key: item for item in load_items(Path(validated)) if item.status == "valid"}
         answered = {} if settings.dry_run else earlier_answers(layout, valid)
-        hosts, pinned = _gpu_hosts_and_live_jobs(settings, layout, valid)
-        slots = all_slots(hosts)
-        plans = plan_jobs([key for key in valid if key not in answered], settings.batch_max_items, slots,
-                          settings.fingerprint(), pinned)
-        jobs = []
-        for plan in plans:
-            job_dir = layout.job_dir(plan.job_key)
+        keys = sorted(key for key in valid if key not in answered)
+        key = (planned["job_key"] or job_key(keys, settings.fingerprint())) if keys else None
+        job_dir = layout.job_dir(key) if key else None
+        if key and not settings.dry_run:
             job = Job(
-                job_key=plan.job_key, backend=settings.backend, model=_worker_model(settings),
+                job_key=key, backend=settings.backend, model=_worker_model(settings),
                 max_model_len=settings.max_model_len, max_output_tokens=settings.max_output_tokens,
                 prompt_format=settings.format.name, sampling=settings.effective_sampling,
-                engine={**settings.engine_settings(), **engine_for(slots, plan.conn_id, plan.slot, settings.backend)},
+                engine={**settings.engine_settings(), **planned["engine"]},
                 planner_tokenizer=planner_tokenizer(settings),
-                items=tuple(JobItem(key, valid[key].spec_id, valid[key].text,
-                                    tuple(valid[key].frame_paths) if settings.backend == "vllm" else (),
-                                    planned_tokens=valid[key].tokens.prompt) for key in plan.item_keys),
+                items=tuple(JobItem(item.key, item.spec_id, item.text,
+                                    tuple(item.frame_paths) if settings.backend == "vllm" else (),
+                                    planned_tokens=item.tokens.prompt) for item in (valid[k] for k in keys)),
             )
-            if not settings.dry_run:
-                write_json_atomic(job_dir / MANIFEST_NAME, job.to_manifest())
-                point_to_job(layout, plan.job_key, plan.item_keys)
-            jobs.append({"job_key": plan.job_key, "job_dir": str(job_dir), "conn_id": plan.conn_id,
-                         "slot": plan.slot, "items": len(plan.item_keys)})
-        write_json_atomic(run.plan, {"jobs": jobs, "answered": answered})
-    log.info("%d valid items (%d answered by earlier jobs) in %d job(s) of at most %d", len(valid), len(answered),
-             len(jobs), settings.batch_max_items)
-    return jobs or [{"job_key": None, "job_dir": None, "conn_id": None, "items": 0}]
+            write_json_atomic(job_dir / MANIFEST_NAME, job.to_manifest())
+            point_to_job(layout, key, keys)
+        job_info = {"job_key": key, "job_dir": str(job_dir) if job_dir else None, "conn_id": planned["conn_id"],
+                    "slot": planned["slot"], "items": len(keys)}
+        write_json_atomic(run.job_plan(chunk), {"job": job_info, "answered": answered})
+    log.info("%s: %d valid items (%d answered by earlier jobs) -> job %s of %d", chunk.name, len(valid),
+             len(answered), key or "(none)", len(keys))
+    return job_info
 
 
-def _gpu_hosts_and_live_jobs(settings: Settings, layout: OutputLayout, valid: Mapping[str, Item]):
+def _gpu_hosts_and_live_jobs(settings: Settings, layout: OutputLayout, keyed: Mapping[str, Any]):
     """The GPU hosts' slots, and the jobs of these items whose container still runs (kept whole by plan_jobs)."""
     if settings.runner != "docker":
         return [], []
     from include.cosmos_upsample.remote import gpu_hosts, live_remote_jobs
 
-    pinned = [] if settings.dry_run else live_remote_jobs(layout, settings, valid)
+    pinned = [] if settings.dry_run else live_remote_jobs(layout, settings, keyed)
     return gpu_hosts(settings.gpu_conn_ids), pinned
 
 
@@ -279,9 +299,9 @@ def merge(run_dir: str | Path, run_id: str) -> str:
 
     run, settings = open_run(run_dir)
     with timed_stage(run, "merge"):
-        plan = read_json(run.plan) if run.plan.exists() else {"jobs": []}
-        job_dirs = {key: Path(job_dir) for key, job_dir in plan.get("answered", {}).items()}
-        for job in plan["jobs"]:
+        jobs, answered = run.planned_jobs()
+        job_dirs = {key: Path(job_dir) for key, job_dir in answered.items()}
+        for job in jobs:
             job_dir = Path(job["job_dir"])
             if (job_dir / MANIFEST_NAME).exists():
                 job_dirs.update({item.key: job_dir for item in Job.read(job_dir).items})

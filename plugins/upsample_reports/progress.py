@@ -1,5 +1,6 @@
-"""Live progress of a run that has no report yet: items planned in the run folder's plan, items done in the jobs'
-ledgers (`<output_dir>/runs/<run>/plan.json`, `<output_dir>/jobs/<job>/ledger.jsonl`, the only shapes read)."""
+"""Live progress of a run that has no report yet: items planned in the run folder's chunk plans, items done in the
+jobs' ledgers (`<output_dir>/runs/<run>/{chunks,plans}/chunk-NNNN.json`, `<output_dir>/jobs/<job>/ledger.jsonl`, the
+only shapes read)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from include.cosmos_upsample.jobformat import LEDGER_NAME
-from include.cosmos_upsample.layout import JOBS, RUNS, RunFolder
+from include.cosmos_upsample.layout import JOBS, RUNS, RunFolder, read_json
 from upsample_reports.records import local_path
 
 
@@ -70,13 +71,21 @@ def _ledger_entries(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def read_progress(run_dir: Path) -> Progress:
-    """Done/total from the run's plan and the jobs' ledgers (the last entry per item counts)."""
+    """Done/total from the chunks' job plans and the jobs' ledgers (the last entry per item counts).
+
+    Chunks are batched one by one as their validation ends, while earlier jobs already run: the specs of a chunk
+    not batched yet count in the total, so the ETA covers the whole run from the first job on.
+    """
+    run = RunFolder(run_dir)
     try:
-        plan = json.loads(RunFolder(run_dir).plan.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        if not run.job_plans():
+            return Progress(planned=False)
+        jobs, _answered = run.planned_jobs()
+        waiting = sum(len(read_json(chunk)["entries"]) for chunk in run.chunks() if not run.job_plan(chunk).exists())
+    except (OSError, ValueError, KeyError, TypeError):
         return Progress(planned=False)
-    jobs = [job for job in (plan.get("jobs") or []) if isinstance(job, dict)] if isinstance(plan, dict) else []
-    total = done = failed = 0
+    jobs = [job for job in jobs if isinstance(job, dict)]
+    total, done, failed = waiting, 0, 0
     finished: list[float] = []
     for job in jobs:
         items = job.get("items")

@@ -47,11 +47,25 @@ class TestDagIntegrity:
         for name in EXPECTED_PARAMS:
             assert dag.params.get_param(name).schema.get("section"), name
 
-    def test_validate_and_upsample_are_mapped_with_labels(self, dag):
-        for task_id in ("validate", "upsample"):
+    def test_each_chunk_runs_validate_batch_upsample_on_its_own(self, dag):
+        """One mapped task group per chunk: a chunk's upsample waits for its own validation, not for every chunk's,
+        so GPU jobs start while later chunks are still validated."""
+        group = dag.get_task("validate").get_closest_mapped_task_group()
+        assert group is not None and group.group_id == "chunk"
+        for task_id in ("validate", "batch", "upsample"):
             task = dag.get_task(task_id)
-            assert task.is_mapped if hasattr(task, "is_mapped") else True
-            assert task.partial_kwargs.get("map_index_template") or task.map_index_template
+            assert task.get_closest_mapped_task_group() is group, task_id
+            assert task.map_index_template, task_id
+        assert dag.get_task("batch").upstream_task_ids == {"discover", "validate"}
+        assert dag.get_task("upsample").upstream_task_ids == {"discover", "batch"}
+        assert dag.get_task("merge_metadata").upstream_task_ids == {"discover", "upsample"}
+
+    def test_later_stages_of_a_chunk_go_first_when_workers_are_scarce(self, dag):
+        # weight_rule "upstream": the scheduler weighs a task instance by its upstream tasks, so a chunk's batch and
+        # upsample outrank the validate tasks of chunks not started yet.
+        assert {str(getattr(task.weight_rule, "value", task.weight_rule)) for task in dag.tasks} == {"upstream"}
+        upstream = {task.task_id: len(task.get_flat_relative_ids(upstream=True)) for task in dag.tasks}
+        assert upstream["upsample"] > upstream["batch"] > upstream["validate"] > upstream["discover"], upstream
 
     def test_report_emits_the_asset(self, dag):
         # Airflow normalises the URI with a trailing slash.

@@ -39,8 +39,9 @@ def check_finished_run(site: AirflowSite, run_id: str, input_dir: Path, output_d
     assert marker["host"] and marker["pid"] > 0
 
     # map_index_template: each mapped instance is labelled in the UI by its chunk or job.
-    validate = site.get(f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/validate/listMapped")["task_instances"]
-    assert [ti["rendered_map_index"] for ti in validate] == ["chunk-0000.json"]
+    for task_id in ("validate", "batch"):
+        chunks = site.get(f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/listMapped")["task_instances"]
+        assert [ti["rendered_map_index"] for ti in chunks] == ["chunk-0000.json"], task_id
     upsample = site.get(f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/upsample/listMapped")["task_instances"]
     [label] = [ti["rendered_map_index"] for ti in upsample]
     assert label.startswith("job ") and label.endswith("(3 prompts) on local"), label

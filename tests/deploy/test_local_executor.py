@@ -3,6 +3,7 @@ the REST API with the trigger form's conf, then unpaused so the scheduler makes 
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Iterator
 
@@ -55,3 +56,32 @@ def test_form_trigger_then_daily_schedule(local_site, deploy_specs, tmp_path):
 
     check_scheduled_run(local_site, deploy_specs, tmp_path, 900)
     print(f"LocalExecutor deployment test: {time.monotonic() - started:.0f} s after the components were up")
+
+
+def test_a_chunk_starts_its_job_while_later_chunks_are_validated(tmp_path, deploy_specs, migrated_db):
+    """One chunk per spec (batch_max_items 1), one validate at a time (COSMOS_UPSAMPLE_VALIDATE_CONCURRENCY): the
+    scheduler runs chunk 0's batch and upsample before the last chunk's validation has ended. With one batch after
+    every validate, as before the per-chunk task group, no upsample could start before the last validate ended."""
+    home = tmp_path / "airflow"
+    site = AirflowSite(home=home, executor="LocalExecutor", sql_alchemy_conn=f"sqlite:///{home}/airflow.db",
+                       extra_env={**deployment_env(tmp_path), "COSMOS_UPSAMPLE_VALIDATE_CONCURRENCY": "1",
+                                  "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False"})
+    try:
+        site.prepare(deployment_variables(deploy_specs, tmp_path), migrated_db)
+        site.start_core()
+        site.unpause()
+        run_id = site.trigger(site.form_conf(output_dir=str(tmp_path / "outputs"), dry_run=True, batch_max_items=1))
+        run = site.wait_run(run_id, 600)
+        assert run["state"] == "success", (run, site.services.tails())
+        tis = {(ti["task_id"], ti["map_index"]): {**ti, **{key: dt.datetime.fromisoformat(ti[key])
+                                                          for key in ("start_date", "end_date")}}
+               for ti in site.task_instances(run_id)}
+    finally:
+        site.stop()
+    assert {map_index for task_id, map_index in tis if task_id == "upsample"} == {0, 1, 2}
+    validations = sorted((tis["validate", index] for index in range(3)), key=lambda ti: ti["start_date"])
+    # One at a time, as configured ...
+    assert all(a["end_date"] <= b["start_date"] for a, b in zip(validations, validations[1:], strict=False))
+    # ... and the first chunk's job began before the last chunk was validated.
+    first_job = min(ti["start_date"] for (task_id, _), ti in tis.items() if task_id == "upsample")
+    assert first_job < validations[-1]["end_date"], sorted((ti["start_date"], key) for key, ti in tis.items())

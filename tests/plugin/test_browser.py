@@ -85,7 +85,7 @@ def test_run_list(signed_in: Any, api_server: Any, airflow_site: Any) -> None:
     text = " ".join(row.text for row in rows)
     for run_id in (airflow_site.finished_run_id, airflow_site.running_run_id, airflow_site.fallback_run_id):
         assert run_id in text
-    assert "in progress: 7 / 16 items done" in text
+    assert "in progress: 7 / 20 items done" in text
 
 
 def test_run_detail_renders_charts_table_and_never_runs_the_prompt(
@@ -125,7 +125,7 @@ def test_running_run_shows_progress(signed_in: Any, api_server: Any, airflow_sit
 
     signed_in.get(f"{api_server.url}{PREFIX}/runs/{quote(airflow_site.running_run_id, safe='')}")
     section = wait_for(lambda: signed_in.find_element(By.CSS_SELECTOR, "section.progress"), what="progress")
-    assert "7 of 16 items done in 2 model jobs, 1 failed" in section.text and "ETA" in section.text
+    assert "7 of 20 items done in 2 model jobs, 1 failed" in section.text and "ETA" in section.text
     fill = signed_in.find_element(By.CSS_SELECTOR, "svg.progressbar rect.fill")
     assert 0 < fill.size["width"] < signed_in.find_element(By.CSS_SELECTOR, "svg.progressbar rect.track").size["width"]
     signed_in.save_screenshot(str(tmp_path / "running.png"))

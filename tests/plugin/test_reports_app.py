@@ -11,7 +11,15 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from upsample_fixtures import DAG_ID, HOSTILE_NAME, HOSTILE_PROMPT, make_report, write_progress, write_report
+from upsample_fixtures import (
+    DAG_ID,
+    HOSTILE_NAME,
+    HOSTILE_PROMPT,
+    make_report,
+    write_job_plans,
+    write_progress,
+    write_report,
+)
 from upsample_reports import charts
 from upsample_reports.app import create_app
 from upsample_reports.reports import (
@@ -268,9 +276,10 @@ class TestProgress:
         write_progress(run_dir, output_dir, now=now)
         progress = read_progress(run_dir)
         # job-a: s1 ok, s2 failed then ok, s3 ok, s4 failed; job-b: t1..t3 ok; a half-written line is skipped.
-        assert (progress.total, progress.done, progress.failed, progress.jobs) == (16, 7, 1, 2)
+        # The 4 specs of the chunk still in validation count in the total.
+        assert (progress.total, progress.done, progress.failed, progress.jobs) == (20, 7, 1, 2)
         eta = progress.eta_seconds(now)
-        assert eta == pytest.approx(9 / (6 / 70), abs=1)
+        assert eta == pytest.approx(13 / (6 / 70), abs=1)
 
     def test_no_plan_yet(self, tmp_path: Path) -> None:
         assert read_progress(tmp_path) == Progress(planned=False)
@@ -283,8 +292,7 @@ class TestProgress:
     def test_ledger_outside_a_jobs_folder_is_not_read(self, tmp_path: Path) -> None:
         (tmp_path / "elsewhere").mkdir()
         (tmp_path / "elsewhere" / "ledger.jsonl").write_text('{"spec_id": "a", "status": "ok"}\n')
-        plan = {"jobs": [{"job_dir": str(tmp_path / "elsewhere"), "items": 3}]}
-        (tmp_path / "plan.json").write_text(json.dumps(plan))
+        write_job_plans(tmp_path, [{"job_key": "k", "job_dir": str(tmp_path / "elsewhere"), "items": 3}])
         assert read_progress(tmp_path).done == 0
 
 
@@ -364,11 +372,11 @@ class TestMetadataDb:
         assert by_id[airflow_site.finished_run_id]["state"] == "success"
         running = by_id[airflow_site.running_run_id]
         assert running["state"] == "running" and not running["has_report"]
-        assert running["progress"]["done"] == 7 and running["progress"]["total"] == 16
+        assert running["progress"]["done"] == 7 and running["progress"]["total"] == 20  # 4 specs still in validation
 
     def test_running_run_shows_progress_and_eta(self, db_client: TestClient, airflow_site: Any) -> None:
         page = db_client.get(run_url(airflow_site.running_run_id)).text
-        assert "<strong>7</strong> of <strong>16</strong> items done" in page
+        assert "<strong>7</strong> of <strong>20</strong> items done" in page
         assert "ETA <strong>" in page
         assert '<meta http-equiv="refresh"' in page
         response = db_client.get(f"{PREFIX}/api/runs/{airflow_site.running_run_id}")

@@ -90,14 +90,12 @@ def write_report(output_dir: Path, report: dict[str, Any], file_stem: str | None
 
 
 def write_progress(run_dir: Path, output_dir: Path, *, now: float) -> None:
-    """plan.json with two jobs (10 + 6 items) and ledgers holding 7 finished calls (one failed, one retried)."""
+    """Three chunks: two batched into jobs (10 + 6 items) whose ledgers hold 7 finished calls (one failed, one
+    retried), one of 4 specs still being validated."""
     jobs = output_dir / "jobs"
-    plan = {"jobs": [
-        {"job_dir": str(jobs / "job-a"), "items": 10, "conn_id": "gpu_a"},
-        {"job_dir": str(jobs / "job-b"), "items": 6, "conn_id": "gpu_b"},
-    ]}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "plan.json").write_text(json.dumps(plan))
+    write_job_plans(run_dir, [{"job_key": "job-a", "job_dir": str(jobs / "job-a"), "items": 10, "conn_id": "gpu_a"},
+                              {"job_key": "job-b", "job_dir": str(jobs / "job-b"), "items": 6, "conn_id": "gpu_b"}],
+                    unbatched=[4])
     entries = {
         "job-a": [("s1", "ok"), ("s2", "failed"), ("s2", "ok"), ("s3", "ok"), ("s4", "failed")],
         "job-b": [("t1", "ok"), ("t2", "ok"), ("t3", "ok")],
@@ -110,6 +108,22 @@ def write_progress(run_dir: Path, output_dir: Path, *, now: float) -> None:
             moment += 10
             lines.append(json.dumps({"spec_id": spec_id, "status": status, "finished_at": moment}))
         (jobs / job / "ledger.jsonl").write_text("\n".join(lines) + "\n{\"spec_id\": \"half-writ")
+
+
+def write_job_plans(run_dir: Path, jobs: list[dict], unbatched: list[int] = ()) -> None:
+    """The run folder's chunks and the job batch made of each (as stages.batch writes them), plus chunks of
+    `unbatched` spec counts whose validation has not ended."""
+    for index, job in enumerate([*jobs, *({"entries": count} for count in unbatched)]):
+        chunk = run_dir / "chunks" / f"chunk-{index:04d}.json"
+        chunk.parent.mkdir(parents=True, exist_ok=True)
+        count = job["entries"] if "entries" in job else job["items"]
+        chunk.write_text(json.dumps({"conn_id": None, "slot": None, "engine": {}, "job_key": None,
+                                     "entries": [{"source_path": f"/in/{index}-{n}.json", "key": None}
+                                                 for n in range(count)]}))
+        if "entries" not in job:
+            plan = run_dir / "plans" / chunk.name
+            plan.parent.mkdir(parents=True, exist_ok=True)
+            plan.write_text(json.dumps({"job": job, "answered": {}}))
 
 
 def chromium_paths() -> tuple[str, str] | None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from include.cosmos_upsample.jobformat import Job, JobItem, Ledger
+from include.cosmos_upsample.layout import RunFolder
 from include.cosmos_upsample.remote import run_docker_job
 from include.cosmos_upsample.settings import Settings
 from tests.helpers import latest_report, make_video, write_spec
@@ -78,7 +79,10 @@ def test_two_slots_run_two_jobs_at_once_and_a_third_waits(testbed, tmp_path, mon
     threads = [threading.Thread(target=run_job, args=(index,)) for index in range(2)]
     for thread in threads:
         thread.start()
-    time.sleep(1.0)  # the third is planned on slot 0 and sees both slots busy
+    # The third is planned on slot 0 and must find both slots busy: wait for the first two containers to exist (a
+    # fixed pause was too short under load, and the third then took slot 0 first).
+    wait_for(lambda: all(host_containers(testbed, jobs[index]["job_key"]) or index in results for index in (0, 1)),
+             120, "the first two jobs' containers")
     threads.append(threading.Thread(target=run_job, args=(2,)))
     threads[-1].start()
     for thread in threads:
@@ -154,14 +158,14 @@ def test_container_outliving_its_killed_task_is_adopted_not_doubled(airflow_home
         (container,) = host_containers(testbed, job_key, running=True)
         second = airflow_dags_test(conf, env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         runs = out / "runs"
-        wait_for(lambda: len(list(runs.glob("*/plan.json"))) == 2 or second.poll() is not None, 240,
+        wait_for(lambda: len(list(runs.glob("*/plans/*.json"))) == 2 or second.poll() is not None, 240,
                  "the re-run's batch")
         time.sleep(3)  # the re-run's upsample task finds the container
     log, _ = second.communicate(timeout=300)  # the slot is free now: the adopted container answers
     assert latest_report(out)["counts"]["upsampled"] == 4, log[-5000:]
-    plan = json.loads(max(runs.glob("*/plan.json"), key=lambda path: path.stat().st_mtime).read_text())
+    rerun = RunFolder.at(max(runs.glob("*/plans"), key=lambda path: path.stat().st_mtime).parent)
     # The re-run kept the running job whole (same key, all four items) instead of re-planning its items...
-    assert [(job["job_key"], job["items"]) for job in plan["jobs"]] == [(job_key, 4)]
+    assert [(job["job_key"], job["items"]) for job in rerun.planned_jobs()[0]] == [(job_key, 4)]
     assert "adopting it, not starting another" in log and "started container" not in log
     # ...and that one container, one model load, answered every item exactly once.
     entries = Ledger.of(out / "jobs" / job_key).entries()

@@ -25,8 +25,8 @@ PARAMS = {"max_output_tokens": 16}
 def run_stages(input_dir: Path, output_dir: Path, run_id: str) -> RunReport:
     params = {"input_dir": str(input_dir), "output_dir": str(output_dir), **PARAMS}
     run_dir, chunks = stages.discover(params, run_id, lambda _key: None, {})
-    validated = [stages.validate_chunk(run_dir, chunk) for chunk in chunks]
-    for index, job in enumerate(stages.batch(run_dir, validated)):
+    for index, chunk in enumerate(chunks):  # each chunk on its own, as the DAG's mapped task group runs it
+        job = stages.batch(run_dir, chunk, stages.validate_chunk(run_dir, chunk))
         stages.upsample(run_dir, job, index, {})
     stages.merge(str(run_dir), run_id)
     location = stages.report(str(run_dir), run_id, DAG_ID, "2026-01-01T00:00:00+00:00")

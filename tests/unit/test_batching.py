@@ -1,27 +1,19 @@
 from __future__ import annotations
 
-from include.cosmos_upsample.batching import JobPlan, chunk_evenly, job_count, job_key, plan_jobs, split_evenly
+from include.cosmos_upsample import stages
+from include.cosmos_upsample.batching import (
+    MAX_MAP_LENGTH,
+    JobPlan,
+    job_count,
+    job_key,
+    plan_jobs,
+    split_evenly,
+)
 from include.cosmos_upsample.gpu_slots import HostGpus, all_slots
+from include.cosmos_upsample.layout import OutputLayout
+from include.cosmos_upsample.settings import Settings
 
 EIGHT = tuple(str(i) for i in range(8))
-
-
-class TestChunkEvenly:
-    def test_sizes_within_one_and_bounded(self):
-        chunks = chunk_evenly(list(range(1000)), 50)
-        assert len(chunks) == 20
-        assert {len(chunk) for chunk in chunks} == {50}
-        assert [x for chunk in chunks for x in chunk] == list(range(1000))
-
-    def test_uneven_split_is_balanced(self):
-        chunks = chunk_evenly(list(range(101)), 50)
-        assert [len(chunk) for chunk in chunks] == [34, 34, 33]
-
-    def test_chunk_count_never_exceeds_max_map_length(self):
-        assert len(chunk_evenly(list(range(5000)), 1, max_chunks=1024)) == 1024
-
-    def test_empty(self):
-        assert chunk_evenly([], 50) == []
 
 
 class TestPlanJobs:
@@ -78,3 +70,43 @@ class TestJobsForSlots:
         assert jobs[0] == live
         assert [job.item_keys for job in jobs[1:]] == [("k3", "k4", "k5")]
         assert jobs[1].slot == 1  # the next slot, not the one the running container holds
+
+    def test_never_more_jobs_than_airflow_maps(self):
+        assert len(plan_jobs([f"k{i}" for i in range(5000)], 1, [], "fp")) == MAX_MAP_LENGTH
+
+
+class TestChunksAreTheJobs:
+    """discover plans one chunk per model job, so each job can start once its own chunk is validated."""
+
+    @staticmethod
+    def entries(keyed: int, unreadable: int) -> list[dict]:
+        return ([{"source_path": f"/in/s{i}.json", "key": f"k{i}"} for i in range(keyed)]
+                + [{"source_path": f"/in/bad{i}.json", "key": None} for i in range(unreadable)])
+
+    def test_local_runner_chunks_follow_batch_max_items(self, tmp_path):
+        pending = self.entries(5, 2)
+        settings = Settings(input_dir=str(tmp_path), output_dir=str(tmp_path), batch_max_items=2)
+        chunks = stages.plan_chunks(pending, settings, OutputLayout.at(tmp_path))
+        assert [len(chunk["entries"]) for chunk in chunks] == [3, 3, 1]  # 2+1, 2+1 unreadable riding along, 1
+        assert sorted(e["source_path"] for c in chunks for e in c["entries"]) == sorted(
+            e["source_path"] for e in pending)
+        assert {(c["conn_id"], c["slot"], c["job_key"]) for c in chunks} == {(None, None, None)}
+        assert all(c["engine"] == {} for c in chunks)
+
+    def test_nothing_to_validate_is_still_one_chunk(self, tmp_path):
+        settings = Settings(input_dir=str(tmp_path), output_dir=str(tmp_path))
+        assert stages.plan_chunks([], settings, OutputLayout.at(tmp_path)) == [
+            {"conn_id": None, "slot": None, "engine": {}, "job_key": None, "entries": []}]
+
+    def test_slots_and_a_running_job_shape_the_chunks(self, tmp_path, monkeypatch):
+        hosts = [HostGpus("gpu_a", ("0", "1", "2", "3"), 2)]
+        live = JobPlan("running-job", "gpu_a", ("k0", "k1"), 0)
+        monkeypatch.setattr(stages, "_gpu_hosts_and_live_jobs", lambda *_args: (hosts, [live]))
+        settings = Settings(input_dir=str(tmp_path), output_dir=str(tmp_path), backend="vllm", runner="docker",
+                            gpu_conn_ids=["gpu_a"])
+        chunks = stages.plan_chunks(self.entries(6, 0), settings, OutputLayout.at(tmp_path))
+        # The running job keeps its key, items and slot; the rest fills the other slot; 2 GPUs each -> TP 2.
+        assert [(c["conn_id"], c["slot"], c["job_key"]) for c in chunks] == [
+            ("gpu_a", 0, "running-job"), ("gpu_a", 1, None)]
+        assert [[e["key"] for e in c["entries"]] for c in chunks] == [["k0", "k1"], ["k2", "k3", "k4", "k5"]]
+        assert [c["engine"] for c in chunks] == [{"tensor_parallel_size": 2}] * 2

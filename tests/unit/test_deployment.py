@@ -4,7 +4,14 @@ import json
 import subprocess
 import sys
 
-from include.cosmos_upsample.deployment import UPSAMPLE_QUEUE_ENV, upsample_task_options
+import pytest
+
+from include.cosmos_upsample.deployment import (
+    UPSAMPLE_QUEUE_ENV,
+    VALIDATE_CONCURRENCY_ENV,
+    upsample_task_options,
+    validate_task_options,
+)
 from tests.conftest import ROOT
 
 
@@ -26,6 +33,27 @@ class TestUpsampleQueue:
                              cwd=ROOT, capture_output=True, text=True, check=True).stdout
         queues = json.loads(out.strip().splitlines()[-1])
         assert queues.pop("upsample") == "gpu_hosts" and set(queues.values()) == {"default"}, queues
+
+
+class TestValidateConcurrency:
+    def test_two_chunks_in_validation_unless_the_deployment_says_otherwise(self):
+        assert VALIDATE_CONCURRENCY_ENV == "COSMOS_UPSAMPLE_VALIDATE_CONCURRENCY"
+        assert validate_task_options({}) == {"max_active_tis_per_dagrun": 2}
+        assert validate_task_options({VALIDATE_CONCURRENCY_ENV: " 8 "}) == {"max_active_tis_per_dagrun": 8}
+        assert validate_task_options({VALIDATE_CONCURRENCY_ENV: "0"}) == {}  # no limit
+
+    def test_a_negative_limit_names_the_variable(self):
+        with pytest.raises(ValueError, match=VALIDATE_CONCURRENCY_ENV):
+            validate_task_options({VALIDATE_CONCURRENCY_ENV: "-1"})
+
+    def test_the_parsed_dag_limits_only_validate(self, airflow_home):
+        code = ("import json; from airflow.models.dagbag import DagBag;"
+                "dag = DagBag(dag_folder='dags').dags['cosmos_prompt_upsample'];"
+                "print(json.dumps({t.task_id: t.max_active_tis_per_dagrun for t in dag.tasks}))")
+        out = subprocess.run([sys.executable, "-c", code], env={**airflow_home, VALIDATE_CONCURRENCY_ENV: "3"},
+                             cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        limits = json.loads(out.strip().splitlines()[-1])
+        assert limits.pop("validate") == 3 and set(limits.values()) == {None}, limits
 
 
 class TestRetryDelay:

@@ -12,10 +12,11 @@ class TestRunFolder:
     def test_every_path_of_a_run(self, tmp_path):
         run = OutputLayout.at(tmp_path).run_folder("manual__2026-01-01T00:00:00+00:00")
         assert run.path == tmp_path.resolve() / "runs" / "manual__2026-01-01T00:00:00+00:00"
-        assert [p.relative_to(run.path).as_posix() for p in (run.settings, run.discovered, run.plan, run.merged)] == [
-            "settings.json", "discovered.json", "plan.json", "merged.json"]
+        assert [p.relative_to(run.path).as_posix() for p in (run.settings, run.discovered, run.merged)] == [
+            "settings.json", "discovered.json", "merged.json"]
         assert run.chunk(3).relative_to(run.path).as_posix() == "chunks/chunk-0003.json"
         assert run.validated(run.chunk(3)).relative_to(run.path).as_posix() == "validated/chunk-0003.json"
+        assert run.job_plan(run.chunk(3)).relative_to(run.path).as_posix() == "plans/chunk-0003.json"
         assert run.stage_record("validate", 3).relative_to(run.path).as_posix() == "stages/validate-0003.json"
         assert run.stage_record("merge").name == "merge.json"
         assert RunFolder.chunk_index(run.chunk(12)) == 12
@@ -27,6 +28,7 @@ class TestRunFolder:
     def test_listings_are_sorted_and_empty_before_the_run(self, tmp_path):
         run = RunFolder.at(tmp_path / "runs" / "r")
         assert run.chunks() == [] and run.validated_files() == [] and run.stage_records() == []
+        assert run.job_plans() == [] and run.planned_jobs() == ([], {})
         for index in (2, 0, 1):
             run.chunk(index).parent.mkdir(parents=True, exist_ok=True)
             run.chunk(index).write_text("[]")
@@ -51,9 +53,10 @@ class TestStagesUseTheGivenRunFolder:
         elsewhere.write_text(Path(chunks[0]).read_text())
         validated = stages.validate_chunk(str(run_dir), str(elsewhere))
         assert validated == str(run.validated(run.chunk(0)))
-        jobs = stages.batch(str(run_dir), [validated])
-        assert jobs == [{"job_key": None, "job_dir": None, "conn_id": None, "items": 0}]
-        assert stages.upsample(str(run_dir), jobs[0], 0, {}) == {"job_key": None, "ran": False}
+        job = stages.batch(str(run_dir), str(elsewhere), validated)
+        assert job == {"job_key": None, "job_dir": None, "conn_id": None, "slot": None, "items": 0}
+        assert read_json(run.job_plan(run.chunk(0))) == {"job": job, "answered": {}}
+        assert stages.upsample(str(run_dir), job, 0, {}) == {"job_key": None, "ran": False}
         assert stages.merge(str(run_dir), "manual__r1") == str(run.merged)
         location = stages.report(str(run_dir), "manual__r1", "dag", "2026-01-01T00:00:00+00:00")
         report = read_json(Path(location["report_json"]))

@@ -59,7 +59,7 @@ class TestStagesCheckTheMarker:
         before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
         calls = {
             "validate": lambda: stages.validate_chunk(run_dir, chunks[0]),
-            "batch": lambda: stages.batch(run_dir, [validated]),
+            "batch": lambda: stages.batch(run_dir, chunks[0], validated),
             "upsample": lambda: stages.upsample(run_dir, {"job_key": "k", "job_dir": None}, 0, {}),
             "merge": lambda: stages.merge(str(run_dir), "manual__shared"),
             "report": lambda: stages.report(str(run_dir), "manual__shared", "dag", "2026-01-01T00:00:00+00:00"),
