@@ -38,10 +38,11 @@ DEFAULT_VALIDATE_CONCURRENCY = 2
 def validate_task_options(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Keyword arguments for the `validate` task: `{"max_active_tis_per_dagrun": N}`, or nothing for no limit."""
     value = (os.environ if environ is None else environ).get(VALIDATE_CONCURRENCY_ENV, "").strip()
-    limit = int(value) if value else DEFAULT_VALIDATE_CONCURRENCY
-    if limit < 0:
+    if not value:
+        return {"max_active_tis_per_dagrun": DEFAULT_VALIDATE_CONCURRENCY}
+    if not value.isdigit():
         raise ValueError(f"{VALIDATE_CONCURRENCY_ENV}={value!r}: give a number of task instances, or 0 for no limit")
-    return {"max_active_tis_per_dagrun": limit} if limit else {}
+    return {"max_active_tis_per_dagrun": int(value)} if int(value) else {}
 
 
 # The first retry's delay in seconds (then exponential backoff up to 10 minutes). Tests shorten it; default 5.

@@ -42,9 +42,10 @@ class TestValidateConcurrency:
         assert validate_task_options({VALIDATE_CONCURRENCY_ENV: " 8 "}) == {"max_active_tis_per_dagrun": 8}
         assert validate_task_options({VALIDATE_CONCURRENCY_ENV: "0"}) == {}  # no limit
 
-    def test_a_negative_limit_names_the_variable(self):
+    @pytest.mark.parametrize("value", ["-1", "two", "1.5"])
+    def test_a_limit_that_is_not_a_count_names_the_variable(self, value):
         with pytest.raises(ValueError, match=VALIDATE_CONCURRENCY_ENV):
-            validate_task_options({VALIDATE_CONCURRENCY_ENV: "-1"})
+            validate_task_options({VALIDATE_CONCURRENCY_ENV: value})
 
     def test_the_parsed_dag_limits_only_validate(self, airflow_home):
         code = ("import json; from airflow.models.dagbag import DagBag;"
