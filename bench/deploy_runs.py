@@ -22,8 +22,9 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 # Run as a script: make the project root importable, for `bench`, `include` and `tests` alike.
@@ -34,6 +35,7 @@ from bench.common import CACHE_DIR, airflow_env, metadata_db, migrate, say  # no
 from bench.dag_runs import run_dag  # noqa: E402
 from bench.overhead import CLIP_SHAPES, _warm_model_file  # noqa: E402
 from bench.specs import write_specs  # noqa: E402
+from include.cosmos_upsample.settings import REPORT_TASK_ID, REPORT_XCOM_KEY  # noqa: E402
 from tests.deploy.airflow_site import AirflowSite  # noqa: E402
 from tests.deploy.services import postgres_server, redis_server  # noqa: E402
 
@@ -79,32 +81,53 @@ def dags_test(conf: dict, work: Path) -> dict:
     return figures("dags test", run.wall_seconds, run.run_seconds, tis, run.report())
 
 
-def deployed(executor: str, conf: dict, work: Path, extra_env: dict[str, str], workers: int = 0) -> dict:
-    home = work / f"home-{executor}"
-    conn = extra_env.pop("sql_alchemy_conn", f"sqlite:///{home}/airflow.db")
-    # No @daily run beside the measured one: the scheduler creates none, manual runs still run.
-    site = AirflowSite(home=home, executor=executor, sql_alchemy_conn=conn,
+@dataclass(frozen=True)
+class MeasuredRun:
+    wall_seconds: float  # trigger -> finished state seen through the REST API
+    run: dict
+    task_instances: list[dict]
+    report: dict
+
+
+@contextmanager
+def bench_site(home: Path, executor: str, extra_env: dict[str, str],
+               sql_alchemy_conn: str | None = None) -> Iterator[AirflowSite]:
+    """A prepared deployment (migrated DB, GPU pool) for measured runs, stopped afterwards. No @daily run beside the
+    measured one: the scheduler creates none, manual runs still run."""
+    site = AirflowSite(home=home, executor=executor, sql_alchemy_conn=sql_alchemy_conn or f"sqlite:///{home}/airflow.db",
                        extra_env={**extra_env, "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False"})
     try:
         site.prepare({})
-        site.start_core()
-        for index in range(workers):
-            name = f"worker-{index}"
-            worker = site.start(name, ["celery", "worker", "--queues", "default", "--celery-hostname",
-                                       f"{name}@%h", "--concurrency", "2", "--skip-serve-logs"])
-            site.wait(lambda worker=worker: " ready." in worker.log.read_text(errors="replace"), 180,
-                      f"Celery {name}")
-        site.unpause()
-        started = time.perf_counter()
-        run_id = site.trigger(site.form_conf(**conf))
-        run = site.wait_run(run_id, 1800)
-        wall = time.perf_counter() - started
-        assert run["state"] == "success", f"{executor} run {run_id}: {run['state']}\n{site.services.tails()}"
-        report = json.loads(Path(site.xcom(run_id, "report", "report_location")["report_json"]).read_text())
-        return figures(executor, wall, _seconds(run["start_date"], run["end_date"]), site.task_instances(run_id),
-                       report)
+        yield site
     finally:
         site.stop()
+
+
+def measured_run(site: AirflowSite, conf: dict, workers: int = 0) -> MeasuredRun:
+    """Start the components (and `workers` Celery workers), trigger one run with the trigger form's conf, wait for
+    its success."""
+    site.start_core()
+    for index in range(workers):
+        name = f"worker-{index}"
+        worker = site.start(name, ["celery", "worker", "--queues", "default", "--celery-hostname",
+                                   f"{name}@%h", "--concurrency", "2", "--skip-serve-logs"])
+        site.wait(lambda worker=worker: " ready." in worker.log.read_text(errors="replace"), 180, f"Celery {name}")
+    site.unpause()
+    started = time.perf_counter()
+    run_id = site.trigger(site.form_conf(**conf))
+    run = site.wait_run(run_id, 1800)
+    wall = time.perf_counter() - started
+    assert run["state"] == "success", f"{site.executor} run {run_id}: {run['state']}\n{site.services.tails()}"
+    report = json.loads(Path(site.xcom(run_id, REPORT_TASK_ID, REPORT_XCOM_KEY)["report_json"]).read_text())
+    return MeasuredRun(wall, run, site.task_instances(run_id), report)
+
+
+def deployed(executor: str, conf: dict, work: Path, extra_env: dict[str, str], workers: int = 0) -> dict:
+    conn = extra_env.pop("sql_alchemy_conn", None)
+    with bench_site(work / f"home-{executor}", executor, extra_env, conn) as site:
+        done = measured_run(site, conf, workers)
+    return figures(executor, done.wall_seconds, _seconds(done.run["start_date"], done.run["end_date"]),
+                   done.task_instances, done.report)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,7 +21,6 @@ import datetime as dt
 import json
 import shutil
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,10 +28,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import CACHE_DIR, say  # noqa: E402
+from bench.deploy_runs import bench_site, measured_run  # noqa: E402
 from bench.scale import shared_clips  # noqa: E402
 from bench.specs import write_specs  # noqa: E402
-from include.cosmos_upsample.settings import GPU_POOL, REPORT_XCOM_KEY  # noqa: E402
-from tests.deploy.airflow_site import AIRFLOW, AirflowSite  # noqa: E402
+from include.cosmos_upsample.settings import GPU_POOL  # noqa: E402
+from tests.deploy.airflow_site import AIRFLOW  # noqa: E402
 from tests.processes import run_checked  # noqa: E402
 
 HOSTS = ("gpu_host_1", "gpu_host_2")
@@ -72,29 +72,15 @@ def deployed_run(work: Path, input_dir: Path, name: str, extra_env: dict[str, st
         for conn_id in HOSTS}
     home = work / f"home-overlap-{name}"
     shutil.rmtree(home, ignore_errors=True)
-    # No @daily run beside the measured one: the scheduler creates none, manual runs still run.
-    site = AirflowSite(home=home, executor="LocalExecutor", sql_alchemy_conn=f"sqlite:///{home}/airflow.db",
-                       extra_env={**connections, **extra_env, "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False"})
-    try:
-        site.prepare({})
+    conf = {"input_dir": str(input_dir), "output_dir": str(work / f"out-overlap-{name}"), "dry_run": True,
+            "backend": "vllm", "runner": "docker", "gpu_conn_ids": list(HOSTS)}
+    say(f"  {name}: dry run on 2 hosts x {GPUS_PER_HOST} GPUs declared, LocalExecutor, {extra_env or 'defaults'}")
+    with bench_site(home, "LocalExecutor", {**connections, **extra_env}) as site:
         run_checked([AIRFLOW, "pools", "set", GPU_POOL, str(len(HOSTS) * GPUS_PER_HOST), "GPU slots"], site.env)
-        site.start_core()
-        site.unpause()
-        conf = {"input_dir": str(input_dir), "output_dir": str(work / f"out-overlap-{name}"), "dry_run": True,
-                "backend": "vllm", "runner": "docker", "gpu_conn_ids": list(HOSTS)}
-        say(f"  {name}: dry run on 2 hosts x {GPUS_PER_HOST} GPUs declared, LocalExecutor, {extra_env or 'defaults'}")
-        started = time.perf_counter()
-        run_id = site.trigger(site.form_conf(**conf))
-        run = site.wait_run(run_id, 1800)
-        assert run["state"] == "success", f"run {run_id}: {run['state']}\n{site.services.tails()}"
-        task_instances = site.task_instances(run_id)
-        (work / f"overlap-task-instances-{name}.json").write_text(json.dumps(task_instances, indent=1))
-        figures = start_fraction(task_instances)
-        report = json.loads(Path(site.xcom(run_id, "report", REPORT_XCOM_KEY)["report_json"]).read_text())
-        figures["overlap_run_wall_seconds"] = round(time.perf_counter() - started, 1)
-        figures["overlap_planned"] = report["counts"].get("planned", 0)
-    finally:
-        site.stop()
+        done = measured_run(site, conf)
+    (work / f"overlap-task-instances-{name}.json").write_text(json.dumps(done.task_instances, indent=1))
+    figures = {**start_fraction(done.task_instances), "overlap_run_wall_seconds": round(done.wall_seconds, 1),
+               "overlap_planned": done.report["counts"].get("planned", 0)}
     say(f"  {name}: first job started {figures['first_job_start_seconds']} s into "
         f"{figures['validate_window_seconds']} s of validation ({figures['overlap_chunks']} chunks): fraction "
         f"{figures['first_job_start_fraction']}; {figures['jobs_started_before_validation_ended']} job(s) started "

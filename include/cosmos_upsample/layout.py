@@ -122,6 +122,10 @@ class RunFolder:
         return self.path / "validated"
 
     @property
+    def plans_dir(self) -> Path:
+        return self.path / "plans"
+
+    @property
     def stages_dir(self) -> Path:
         return self.path / "stages"
 
@@ -144,10 +148,10 @@ class RunFolder:
 
     def job_plan(self, chunk: Path) -> Path:
         """Where batch writes the model job it made of `chunk` (a file of chunks/)."""
-        return self.path / "plans" / chunk.name
+        return self.plans_dir / chunk.name
 
     def job_plans(self) -> list[Path]:
-        return sorted((self.path / "plans").glob("*.json"))
+        return sorted(self.plans_dir.glob("*.json"))
 
     def planned_jobs(self) -> tuple[list[dict[str, Any]], dict[str, str]]:
         """The jobs batch made so far (one per planned chunk that has items to send), and the items earlier jobs

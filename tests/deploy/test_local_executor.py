@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -21,17 +22,25 @@ from tests.deploy.checks import (
 pytestmark = pytest.mark.deploy
 
 
-@pytest.fixture
-def local_site(tmp_path, deploy_specs, migrated_db) -> Iterator[AirflowSite]:
+@contextmanager
+def local_deployment(tmp_path, deploy_specs, migrated_db, **extra_env: str) -> Iterator[AirflowSite]:
+    """api-server, scheduler and dag-processor with LocalExecutor on SQLite, the deployment's Variables and
+    environment (plus `extra_env`); every component stopped afterwards."""
     home = tmp_path / "airflow"
     site = AirflowSite(home=home, executor="LocalExecutor", sql_alchemy_conn=f"sqlite:///{home}/airflow.db",
-                       extra_env=deployment_env(tmp_path))
+                       extra_env={**deployment_env(tmp_path), **extra_env})
     try:
         site.prepare(deployment_variables(deploy_specs, tmp_path), migrated_db)
         site.start_core()
         yield site
     finally:
         site.stop()
+
+
+@pytest.fixture
+def local_site(tmp_path, deploy_specs, migrated_db) -> Iterator[AirflowSite]:
+    with local_deployment(tmp_path, deploy_specs, migrated_db) as site:
+        yield site
 
 
 def test_form_trigger_then_daily_schedule(local_site, deploy_specs, tmp_path):
@@ -62,13 +71,8 @@ def test_a_chunk_starts_its_job_while_later_chunks_are_validated(tmp_path, deplo
     """One chunk per spec (batch_max_items 1), one validate at a time (COSMOS_UPSAMPLE_VALIDATE_CONCURRENCY): the
     scheduler runs chunk 0's batch and upsample before the last chunk's validation has ended. With one batch after
     every validate, as before the per-chunk task group, no upsample could start before the last validate ended."""
-    home = tmp_path / "airflow"
-    site = AirflowSite(home=home, executor="LocalExecutor", sql_alchemy_conn=f"sqlite:///{home}/airflow.db",
-                       extra_env={**deployment_env(tmp_path), "COSMOS_UPSAMPLE_VALIDATE_CONCURRENCY": "1",
-                                  "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False"})
-    try:
-        site.prepare(deployment_variables(deploy_specs, tmp_path), migrated_db)
-        site.start_core()
+    with local_deployment(tmp_path, deploy_specs, migrated_db, COSMOS_UPSAMPLE_VALIDATE_CONCURRENCY="1",
+                          AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE="False") as site:
         site.unpause()
         run_id = site.trigger(site.form_conf(output_dir=str(tmp_path / "outputs"), dry_run=True, batch_max_items=1))
         run = site.wait_run(run_id, 600)
@@ -76,8 +80,6 @@ def test_a_chunk_starts_its_job_while_later_chunks_are_validated(tmp_path, deplo
         tis = {(ti["task_id"], ti["map_index"]): {**ti, **{key: dt.datetime.fromisoformat(ti[key])
                                                           for key in ("start_date", "end_date")}}
                for ti in site.task_instances(run_id)}
-    finally:
-        site.stop()
     assert {map_index for task_id, map_index in tis if task_id == "upsample"} == {0, 1, 2}
     validations = sorted((tis["validate", index] for index in range(3)), key=lambda ti: ti["start_date"])
     # One at a time, as configured ...

@@ -15,6 +15,17 @@ from include.cosmos_upsample.deployment import (
 from tests.conftest import ROOT
 
 
+def parsed_task_attribute(name: str, env: dict[str, str]) -> dict:
+    """task_id -> one attribute of each task, as a fresh interpreter parses the DAG file with `env` (the deployment
+    settings are read at parse time, as by the dag-processor)."""
+    code = ("import json, sys; from airflow.models.dagbag import DagBag;"
+            "dag = DagBag(dag_folder='dags').dags['cosmos_prompt_upsample'];"
+            "print(json.dumps({t.task_id: getattr(t, sys.argv[1]) for t in dag.tasks}))")
+    out = subprocess.run([sys.executable, "-c", code, name], env=env, cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 class TestUpsampleQueue:
     def test_unset_or_blank_leaves_airflows_default_queue(self):
         assert upsample_task_options({}) == {}
@@ -25,13 +36,7 @@ class TestUpsampleQueue:
         assert upsample_task_options({UPSAMPLE_QUEUE_ENV: " gpu_hosts "}) == {"queue": "gpu_hosts"}
 
     def test_the_parsed_dag_routes_only_upsample_to_it(self, airflow_home):
-        # A fresh interpreter: the queue is fixed when the DAG file is parsed, as by the dag-processor.
-        code = ("import json; from airflow.models.dagbag import DagBag;"
-                "dag = DagBag(dag_folder='dags').dags['cosmos_prompt_upsample'];"
-                "print(json.dumps({t.task_id: t.queue for t in dag.tasks}))")
-        out = subprocess.run([sys.executable, "-c", code], env={**airflow_home, UPSAMPLE_QUEUE_ENV: "gpu_hosts"},
-                             cwd=ROOT, capture_output=True, text=True, check=True).stdout
-        queues = json.loads(out.strip().splitlines()[-1])
+        queues = parsed_task_attribute("queue", {**airflow_home, UPSAMPLE_QUEUE_ENV: "gpu_hosts"})
         assert queues.pop("upsample") == "gpu_hosts" and set(queues.values()) == {"default"}, queues
 
 
@@ -48,12 +53,7 @@ class TestValidateConcurrency:
             validate_task_options({VALIDATE_CONCURRENCY_ENV: value})
 
     def test_the_parsed_dag_limits_only_validate(self, airflow_home):
-        code = ("import json; from airflow.models.dagbag import DagBag;"
-                "dag = DagBag(dag_folder='dags').dags['cosmos_prompt_upsample'];"
-                "print(json.dumps({t.task_id: t.max_active_tis_per_dagrun for t in dag.tasks}))")
-        out = subprocess.run([sys.executable, "-c", code], env={**airflow_home, VALIDATE_CONCURRENCY_ENV: "3"},
-                             cwd=ROOT, capture_output=True, text=True, check=True).stdout
-        limits = json.loads(out.strip().splitlines()[-1])
+        limits = parsed_task_attribute("max_active_tis_per_dagrun", {**airflow_home, VALIDATE_CONCURRENCY_ENV: "3"})
         assert limits.pop("validate") == 3 and set(limits.values()) == {None}, limits
 
 
