@@ -76,4 +76,9 @@ if [[ ! -f "$AIRFLOW_HOME/airflow.db" ]]; then
   # Model jobs run in this pool (one slot per GPU host; one here, for the local model).
   airflow pools set cosmos_gpu 1 "Model jobs: one slot per GPU host" >/dev/null
 fi
+# Runner endpoint's jobs: requests to an inference service, no GPU slot (README, "Using an inference service"). Also
+# for homes made before it existed: the scheduler never runs a task of a missing pool, not even to skip it.
+if ! airflow pools get cosmos_endpoint >/dev/null 2>&1; then
+  airflow pools set cosmos_endpoint 4 "Jobs of runner endpoint (x endpoint_concurrency requests in flight)" >/dev/null
+fi
 echo "setup: ready (AIRFLOW_HOME=$AIRFLOW_HOME)"

@@ -6,67 +6,73 @@ the project's job and prompt formats (standard library too) and its backend (lla
 
     python worker.py --job-dir DIR [--gpu-lock FILE]
 
-DIR holds `manifest.json` and receives `ledger.jsonl` (see include/cosmos_upsample/jobformat.py). On start the
-worker skips every item the ledger already holds as `ok`, so a killed or retried job redoes only what is unfinished;
-a killed worker loses at most the requests it had in flight.
+DIR holds `manifest.json` and receives `ledger.jsonl` (see include/cosmos_upsample/jobformat.py). Each answer is
+judged the moment it arrives (include/cosmos_upsample/quality.py, with the job's thresholds and blocklist): a
+flagged one is asked again with a new seed, in the same engine, up to the job's re-asks; every attempt is a ledger
+line. On start the worker skips every item the ledger already holds as final (passed, or flagged after every
+attempt) and continues an item's attempts where they stopped, so a killed or retried job redoes only what is
+unfinished; a killed worker loses at most the requests it had in flight.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
-import fcntl
 import json
 import os
 import signal
 import sys
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from include.cosmos_upsample.jobformat import (
+    ANSWER_DELAY_ENV,
     DIE_AFTER_ENV,
     EXIT_JOB_BUSY,
-    EXIT_TOKENIZER_MISMATCH,
+    EXIT_REFUSED,
+    GPU_HELD_PREFIX,
     REFUSAL_PREFIX,
+    Answer,
     Job,
     JobItem,
     Ledger,
+    Request,
+    attempt_seed,
+    flocked,
     job_lock,
+    outcome,
+    record_attempt,
+    requests_to_do,
 )
-from include.cosmos_upsample.prompt_formats import PROMPT_FORMATS
+from include.cosmos_upsample.prompt_formats import PROMPT_FORMATS, request_messages
 
 # Extra `vllm.LLM` arguments for this machine as JSON, merged last: e.g. the CPU test environment's
 # {"dtype": "bfloat16", "enforce_eager": true, "distributed_executor_backend": "uni"}. GPU hosts need none.
 VLLM_ENGINE_ARGS_ENV = "COSMOS_UPSAMPLE_VLLM_ENGINE_ARGS"
 
 
-@dataclass(frozen=True)
-class Answer:
-    text: str = ""
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    error: str | None = None
-
-
 class TokenizerMismatch(RuntimeError):
     """The engine counts the first prompt differently from the plan: every hint was sized with the wrong numbers."""
 
 
-def image_data_url(path: Path) -> str:
-    return "data:image/jpeg;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+class BackendMissing(RuntimeError):
+    """This interpreter (worker_python, or the worker image's) cannot import the backend's library."""
+
+    def __init__(self, backend: str, package: str, error: ImportError) -> None:
+        super().__init__(
+            f"backend {backend} needs {package}, which this interpreter ({sys.executable}) cannot import ({error}); "
+            "install it there, or point the worker_python setting (runner local) or worker_image (runner docker) at "
+            "one that has it; nothing was sent to the model")
 
 
 def build_conversation(item: JobItem, job: Job, job_dir: Path) -> list[dict[str, Any]]:
-    """One user turn in the job's prompt format (for the Cosmos upsampler: the frames, then the raw prompt)."""
-    images = [{"type": "image_url", "image_url": {"url": image_data_url(job_dir / frame)}} for frame in item.frames]
-    content = [part if kind == "image" else {"type": "text", "text": part}
-               for kind, part in PROMPT_FORMATS[job.prompt_format].content(item.text, images)]
-    return [{"role": "user", "content": content}]
+    """One user turn in the job's prompt format (for the Cosmos upsampler: the frames, then the raw prompt), after
+    the format's system turn if it has one."""
+    return request_messages(job.prompt_format, item.text, (job_dir / frame for frame in item.frames))
 
 
 def engine_arguments(job: Job, environ: dict[str, str] | os._Environ = os.environ) -> dict[str, Any]:
@@ -82,14 +88,20 @@ def engine_arguments(job: Job, environ: dict[str, str] | os._Environ = os.enviro
         "max_model_len": job.max_model_len,
         "limit_mm_per_prompt": {"image": max(1, frames)},
     }
+    if job.response_schema:
+        # Structured answers never padded with whitespace: the JSON grammar otherwise lets a model fill its whole
+        # answer with blanks (measured with the tiny model), as README advises for `vllm serve` too.
+        arguments["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
     arguments.update({name: value for name, value in job.engine.items() if value is not None})
     arguments.update(json.loads(environ.get(VLLM_ENGINE_ARGS_ENV) or "{}"))
     return arguments
 
 
-def sampling_arguments(job: Job, item: JobItem) -> dict[str, Any]:
-    """Upstream samples with SamplingParams(temperature=0.6, max_tokens=300); the job carries the resolved values."""
-    chosen = {name: job.sampling.get(name) for name in ("temperature", "top_p", "repetition_penalty", "seed")}
+def sampling_arguments(job: Job, item: JobItem, attempt: int = 1) -> dict[str, Any]:
+    """Upstream samples with SamplingParams(temperature=0.6, max_tokens=300); the job carries the resolved values.
+    A re-ask samples with a new seed (jobformat.attempt_seed)."""
+    chosen = {name: job.sampling.get(name) for name in ("temperature", "top_p", "repetition_penalty", "top_k")}
+    chosen["seed"] = attempt_seed(job.sampling.get("seed"), attempt)
     return {"max_tokens": item.max_tokens or job.max_output_tokens,
             **{name: value for name, value in chosen.items() if value is not None}}
 
@@ -100,7 +112,10 @@ class LlamaCppBackend:
     frames_sent = False
 
     def __init__(self, job: Job) -> None:
-        from llama_cpp import Llama
+        try:
+            from llama_cpp import Llama
+        except ImportError as exc:
+            raise BackendMissing("llama_cpp", "llama-cpp-python (requirements-local-model.txt)", exc) from None
 
         self._llm = Llama(
             model_path=job.model,
@@ -111,20 +126,24 @@ class LlamaCppBackend:
         )
         self._job = job
 
-    def answers(self, items: Sequence[JobItem], job_dir: Path) -> Iterator[tuple[JobItem, Answer]]:
-        for item in items:
-            arguments = sampling_arguments(self._job, item)
+    def answers(self, requests: deque[Request], job_dir: Path) -> Iterator[tuple[Request, Answer]]:
+        """Answers the queue in order; a re-ask the caller appends while it holds an answer is asked in turn."""
+        while requests:
+            request = requests.popleft()
+            arguments = sampling_arguments(self._job, request.item, request.attempt)
             if "repetition_penalty" in arguments:
                 arguments["repeat_penalty"] = arguments.pop("repetition_penalty")
+            if self._job.response_schema:  # llama.cpp's grammar-constrained JSON
+                arguments["response_format"] = {"type": "json_object", "schema": self._job.response_schema}
             try:
                 response = self._llm.create_chat_completion(
-                    messages=[{"role": "user", "content": item.text}], **arguments)
+                    messages=PROMPT_FORMATS[self._job.prompt_format].chat_messages(request.item.text), **arguments)
             except ValueError as exc:  # llama.cpp raises ValueError when the prompt exceeds n_ctx
-                yield item, Answer(error=f"model refused the prompt: {exc}")
+                yield request, Answer(error=f"model refused the prompt: {exc}")
                 continue
-            usage = response.get("usage", {})
-            text = response["choices"][0]["message"]["content"] or ""
-            yield item, Answer(text.strip(), usage.get("prompt_tokens"), usage.get("completion_tokens"))
+            usage, choice = response.get("usage", {}), response["choices"][0]
+            yield request, Answer(choice["message"]["content"] or "", usage.get("prompt_tokens"),
+                                  usage.get("completion_tokens"), finish_reason=choice.get("finish_reason"))
 
 
 class VllmBackend:
@@ -143,7 +162,10 @@ class VllmBackend:
     def __init__(self, job: Job) -> None:
         # vLLM forks worker processes; CUDA needs them spawned, and this must be set before vllm is imported.
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-        from vllm import LLM
+        try:
+            from vllm import LLM
+        except ImportError as exc:
+            raise BackendMissing("vllm", "vLLM", exc) from None
 
         self._job = job
         self._llm = LLM(**engine_arguments(job))
@@ -167,40 +189,58 @@ class VllmBackend:
     def prompt_length(prompt: Any) -> int:
         return len(prompt["prompt_token_ids"])
 
-    def _sampling(self, item: JobItem) -> Any:
+    def _sampling(self, request: Request) -> Any:
         from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
-        return SamplingParams(**sampling_arguments(self._job, item), output_kind=RequestOutputKind.FINAL_ONLY)
+        # A JSON Schema answer, as vLLM's server makes one of a json_schema response_format (vLLM 0.32,
+        # `vllm/entrypoints/openai/chat_completion/protocol.py`, `structured_outputs_from_response_format`).
+        structured = ({"structured_outputs": StructuredOutputsParams(json=self._job.response_schema)}
+                      if self._job.response_schema else {})
+        return SamplingParams(**sampling_arguments(self._job, request.item, request.attempt), **structured,
+                              output_kind=RequestOutputKind.FINAL_ONLY)
 
-    def answers(self, items: Sequence[JobItem], job_dir: Path) -> Iterator[tuple[JobItem, Answer]]:
+    def _submit(self, request: Request, job_dir: Path, check: bool) -> Answer | None:
+        """Measure and hand one request to the engine; an Answer with the error when it is not sent."""
         from vllm.exceptions import VLLMError
 
-        engine, pending = self._llm.llm_engine, {}
-        for index, item in enumerate(items):
-            prompt = self.render(build_conversation(item, self._job, job_dir))
-            length = self.prompt_length(prompt)
-            if index == 0:
-                check_plan(self._job, item, length)
-            answer_tokens = item.max_tokens or self._job.max_output_tokens
-            budget = self._job.max_model_len - answer_tokens
-            if length > budget:
-                yield item, Answer(prompt_tokens=length, error=(
-                    f"prompt is {length} tokens by the engine's count, over the budget of {budget} (max_model_len "
-                    f"{self._job.max_model_len} - {answer_tokens} answer tokens); not sent to the model"))
-                continue
-            try:
-                engine.add_request(item.key, prompt, self._sampling(item))
-            except (ValueError, VLLMError) as exc:  # refused (nothing is queued): this item fails, the rest go on
-                yield item, Answer(prompt_tokens=length, error=f"the engine refused the request: {exc}")
-                continue
-            pending[item.key] = item
-        while engine.has_unfinished_requests():
+        item = request.item
+        prompt = self.render(build_conversation(item, self._job, job_dir))
+        length = self.prompt_length(prompt)
+        if check:
+            check_plan(self._job, item, length)
+        answer_tokens = item.max_tokens or self._job.max_output_tokens
+        budget = self._job.max_model_len - answer_tokens
+        if length > budget:
+            return Answer(prompt_tokens=length, error=(
+                f"prompt is {length} tokens by the engine's count, over the budget of {budget} (max_model_len "
+                f"{self._job.max_model_len} - {answer_tokens} answer tokens); not sent to the model"))
+        try:
+            self._llm.llm_engine.add_request(request.id, prompt, self._sampling(request))
+        except (ValueError, VLLMError) as exc:  # refused (nothing is queued): this item fails, the rest go on
+            return Answer(prompt_tokens=length, error=f"the engine refused the request: {exc}")
+        return None
+
+    def answers(self, requests: deque[Request], job_dir: Path) -> Iterator[tuple[Request, Answer]]:
+        """Every queued request goes to the engine at once; a re-ask the caller appends while it holds an answer
+        joins the running batch at the next engine step. The first request's length is checked against the plan."""
+        engine, pending, first = self._llm.llm_engine, {}, True
+        while True:
+            while requests:
+                request = requests.popleft()
+                refused, first = self._submit(request, job_dir, check=first), False
+                if refused:
+                    yield request, refused
+                else:
+                    pending[request.id] = request
+            if not engine.has_unfinished_requests():
+                return
             for output in engine.step():
                 if output.finished:
                     completion = output.outputs[0]
                     yield pending.pop(output.request_id), Answer(
-                        completion.text.strip(), len(output.prompt_token_ids or ()), len(completion.token_ids))
+                        completion.text, len(output.prompt_token_ids or ()), len(completion.token_ids),
+                        finish_reason=completion.finish_reason)
 
 
 def check_plan(job: Job, item: JobItem, engine_tokens: int) -> None:
@@ -214,25 +254,6 @@ def check_plan(job: Job, item: JobItem, engine_tokens: int) -> None:
 
 
 BACKENDS = {"llama_cpp": LlamaCppBackend, "vllm": VllmBackend}
-
-
-def ledger_entry(job: Job, item: JobItem, answer: Answer, seconds: float, run_id: str, frames_sent: bool) -> dict:
-    return {
-        "key": item.key,
-        "spec_id": item.spec_id,
-        "status": "failed" if answer.error or not answer.text else "ok",
-        "text": answer.text,
-        "reason": answer.error or ("the model returned an empty answer" if not answer.text else None),
-        "prompt_tokens": answer.prompt_tokens,
-        "planned_tokens": item.planned_tokens,
-        "completion_tokens": answer.completion_tokens,
-        "backend": job.backend,
-        "model": job.model,
-        "frames_sent": len(item.frames) if frames_sent else 0,
-        "seconds": round(seconds, 3),
-        "finished_at": time.time(),
-        "worker_run": run_id,
-    }
 
 
 def _eta(done: int, total: int, elapsed: float) -> str:
@@ -254,52 +275,56 @@ def run_job(job_dir: Path, backend_factory: Callable[[Job], Any] | None = None, 
 def holding_gpu(gpu_lock: Path | None) -> Iterator[None]:
     """One model on a GPU at a time: jobs for the same GPUs wait here rather than run out of GPU memory."""
     if gpu_lock is None:
+        print(f"{GPU_HELD_PREFIX} (none given)", flush=True)
         yield
         return
-    with gpu_lock.open("a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for the GPU: another job holds {gpu_lock}", flush=True)
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    with flocked(gpu_lock, on_wait=lambda: print(f"waiting for the GPU: another job holds {gpu_lock}", flush=True)):
+        print(f"{GPU_HELD_PREFIX} {gpu_lock}", flush=True)
         yield
 
 
 def _run_locked(job_dir: Path, backend_factory: Callable[[Job], Any] | None, gpu_lock: Path | None) -> int:
     job = Job.read(job_dir)
     ledger = Ledger.of(job_dir)
-    finished = ledger.finished_keys()
-    todo = [item for item in job.items if item.key not in finished]
+    todo = requests_to_do(job, ledger)
     print(f"job {job.job_key}: {len(job.items)} items, {len(job.items) - len(todo)} already done, {len(todo)} to do")
     if not todo:
         return 0
     with holding_gpu(gpu_lock):
         try:
             return _answer(job, todo, ledger, job_dir, backend_factory)
-        except TokenizerMismatch as exc:
+        except (TokenizerMismatch, BackendMissing) as exc:
             print(f"{REFUSAL_PREFIX} {job.job_key}: {exc}", file=sys.stderr, flush=True)
-            return EXIT_TOKENIZER_MISMATCH
+            return EXIT_REFUSED
 
 
-def _answer(job: Job, todo: list[JobItem], ledger: Ledger, job_dir: Path,
+def _answer(job: Job, todo: list[Request], ledger: Ledger, job_dir: Path,
             backend_factory: Callable[[Job], Any] | None) -> int:
     started = time.monotonic()
     backend = (backend_factory or BACKENDS[job.backend])(job)
     print(f"model {job.model} ({job.backend}) loaded in {time.monotonic() - started:.1f}s", flush=True)
     die_after = int(os.environ.get(DIE_AFTER_ENV, "0") or 0)
-    run_id, failed, begun = uuid.uuid4().hex[:12], 0, time.monotonic()
-    last = begun
-    for done, (item, answer) in enumerate(backend.answers(todo, job_dir), start=1):
+    answer_delay = float(os.environ.get(ANSWER_DELAY_ENV, "0") or 0)
+    queue = deque(todo)
+    run_id, begun, asked = uuid.uuid4().hex[:12], time.monotonic(), len(todo)
+    last, tally = begun, {"pass": 0, "flagged": 0, "failed": 0, "re-asked": 0}
+    for done, (request, answer) in enumerate(backend.answers(queue, job_dir), start=1):
         now = time.monotonic()
-        entry = ledger_entry(job, item, answer, now - last, run_id, backend.frames_sent)
-        ledger.append(entry)
+        entry, again = record_attempt(job, ledger, request, answer, now - last, run_id, backend.frames_sent)
         last = now
-        failed += entry["status"] != "ok"
-        print(f"[{done}/{len(todo)}] {item.spec_id}: {entry['status']}, ETA {_eta(done, len(todo), now - begun)}",
+        if again:
+            queue.append(again)  # a new seed, in this engine: no second model load
+            asked += 1
+            tally["re-asked"] += 1
+        else:
+            tally[entry["verdict"] or "failed"] += 1
+        print(f"[{done}/{asked}] {request.item.spec_id}: {outcome(entry)}, ETA {_eta(done, asked, now - begun)}",
               flush=True)
         if die_after and done >= die_after:
             os.kill(os.getpid(), signal.SIGKILL)
-    print(f"job {job.job_key} finished: {len(todo) - failed} ok, {failed} failed in {time.monotonic() - begun:.1f}s")
+        time.sleep(answer_delay)
+    print(f"job {job.job_key} finished in {time.monotonic() - begun:.1f}s: {tally['pass']} passed, "
+          f"{tally['flagged']} flagged, {tally['failed']} failed, {tally['re-asked']} answers asked again")
     return 0
 
 

@@ -8,6 +8,7 @@ processor, once per parse.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -65,3 +66,30 @@ def default_args(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
         "max_retry_delay": dt.timedelta(minutes=10),
         "weight_rule": "upstream",
     }
+
+
+# Every task's try is bounded (execution_timeout: Airflow stops a try that runs longer, and retries it). Seconds per
+# task, from the DAG processor's environment: COSMOS_UPSAMPLE_<TASK_ID>_TIMEOUT_SECONDS. The defaults are generous
+# bounds, not expected times: an upsample job of 128 prompts on a 12B model takes minutes, and a worker that stops
+# answering is caught sooner by the runners' stall watchdog (setting `stall_timeout_seconds`).
+STAGE_TIMEOUT_SECONDS = {"discover": 1800, "validate": 3600, "batch": 600, "upsample": 6 * 3600,
+                         "upsample_endpoint": 6 * 3600,
+                         "review_requests": 600, "merge_metadata": 1800, "report": 600, "prune_scratch": 1800}
+
+
+def timeout_env(task_id: str) -> str:
+    return f"{ENV_PREFIX}{task_id.upper()}_TIMEOUT_SECONDS"
+
+
+def task_timeout(task_id: str, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """`{"execution_timeout": timedelta}` for the task `task_id`; a value that is not a positive number fails the
+    parse naming the variable."""
+    name = timeout_env(task_id)
+    value = (os.environ if environ is None else environ).get(name, "").strip()
+    try:
+        seconds = float(value) if value else float(STAGE_TIMEOUT_SECONDS[task_id])
+    except ValueError:
+        seconds = -1.0
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise ValueError(f"{name}={value!r}: give the longest a try of {task_id} may run, in seconds (> 0)")
+    return {"execution_timeout": dt.timedelta(seconds=seconds)}

@@ -3,7 +3,10 @@
 A GPU host's SSH connection extra may declare its GPUs and how many one job uses:
 
     {"gpus": [0, 1, 2, 3, 4, 5, 6, 7], "gpus_per_job": 2}    4 slots: (0,1) (2,3) (4,5) (6,7)
-    {"gpus": "auto", "gpus_per_job": 1}                       ids read with nvidia-smi over SSH (logged)
+    {"gpus": "auto", "gpus_per_job": 1}                       ids read with nvidia-smi over SSH (logged); a host
+                                                              that cannot be asked is an error, never "all GPUs"
+    {"gpus": "none"}                                          a host without GPUs (CPU engines, the test bed): one
+                                                              slot, no GPU device request
     (no "gpus")                                               1 slot with every GPU of the host (no declaration)
 
 A slot is a fixed group of device ids. Its container gets exactly those devices, vLLM gets tensor_parallel_size =
@@ -19,26 +22,29 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
+from include.cosmos_upsample.errors import NotRetryable
 from include.cosmos_upsample.jobformat import GPU_LOCK_NAME
 
 GPUS_EXTRA = "gpus"
 GPUS_PER_JOB_EXTRA = "gpus_per_job"
 DISCOVER = "auto"
+NO_GPUS = "none"
 # What nvidia-smi prints, one device index per line.
 NVIDIA_SMI_COMMAND = ("nvidia-smi", "--query-gpu=index", "--format=csv,noheader")
 # Device ids end up in lock file names and the Docker API: indices or UUIDs (GPU-8f3c...), nothing else.
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
 
 
-class GpuDeclarationError(ValueError):
-    """A connection's `gpus`/`gpus_per_job` extra cannot be used as written."""
+class GpuDeclarationError(NotRetryable, ValueError):
+    """A connection's `gpus`/`gpus_per_job` extra cannot be used as written: fix the connection (a retry cannot)."""
 
 
 @dataclass(frozen=True)
 class GpuSlot:
     conn_id: str
     index: int
-    device_ids: tuple[str, ...]  # empty: every GPU of the host (the connection declares none)
+    device_ids: tuple[str, ...]  # empty: every GPU of the host (the connection declares none), or none at all
+    cpu_only: bool = False  # the host declares it has no GPU ("gpus": "none"): its container asks for none
 
     @property
     def gpu_count(self) -> int | None:
@@ -67,11 +73,12 @@ class HostGpus:
     conn_id: str
     device_ids: tuple[str, ...]  # empty: undeclared
     gpus_per_job: int = 1
+    cpu_only: bool = False
 
     def slots(self) -> list[GpuSlot]:
         """len(gpus) // gpus_per_job fixed groups, in the declared order; leftover GPUs stay unused."""
         if not self.device_ids:
-            return [GpuSlot(self.conn_id, 0, ())]
+            return [GpuSlot(self.conn_id, 0, (), self.cpu_only)]
         size = self.gpus_per_job
         return [GpuSlot(self.conn_id, index, self.device_ids[index * size:(index + 1) * size])
                 for index in range(len(self.device_ids) // size)]
@@ -105,6 +112,10 @@ def host_gpus(conn_id: str, extra: Mapping[str, Any], discovered: Sequence[str] 
         raise GpuDeclarationError(f"connection {conn_id}: extra 'gpus_per_job' must be a whole number") from None
     if per_job < 1:
         raise GpuDeclarationError(f"connection {conn_id}: extra 'gpus_per_job' must be at least 1, got {per_job}")
+    if extra.get(GPUS_EXTRA) == NO_GPUS:
+        return HostGpus(conn_id, (), 1, cpu_only=True)
+    if wants_discovery(extra) and discovered is None:
+        raise GpuDeclarationError(f"connection {conn_id}: extra 'gpus' is 'auto' but no nvidia-smi answer was given")
     declared = discovered if wants_discovery(extra) else extra.get(GPUS_EXTRA)
     ids = parse_device_ids(declared, conn_id)
     if ids and len(ids) < per_job:
@@ -130,13 +141,12 @@ def pool_size(hosts: Sequence[HostGpus]) -> int:
     return len(all_slots(hosts))
 
 
-def choose_slot(slots: Sequence[GpuSlot], busy: set[str], preferred: int) -> GpuSlot:
+def choose_slot(slots: Sequence[GpuSlot], busy: set[str], planned: GpuSlot) -> GpuSlot:
     """The planned slot if it is free, else the host's first free one, else the planned one (its worker waits).
 
     `busy` holds the lock names of slots whose containers run now (another DAG run's jobs, for instance). Two tasks
     choosing at the same moment may pick the same slot: then the slot lock makes one wait, never share.
     """
-    planned = slots[preferred % len(slots)]
     if planned.lock_name not in busy:
         return planned
     return next((slot for slot in slots if slot.lock_name not in busy), planned)
@@ -156,14 +166,36 @@ class Placement:
 
 
 def placement(slot: GpuSlot, backend: str) -> Placement:
-    uses_gpu = backend == "vllm"
+    uses_gpu = backend == "vllm" and not slot.cpu_only
     engine = {"tensor_parallel_size": slot.gpu_count} if uses_gpu and slot.gpu_count else {}
     environment = {"COSMOS_UPSAMPLE_SLOT": slot.label,
-                   "COSMOS_UPSAMPLE_SLOT_GPUS": ",".join(slot.device_ids) or "all"}
+                   "COSMOS_UPSAMPLE_SLOT_GPUS": NO_GPUS if slot.cpu_only else ",".join(slot.device_ids) or "all"}
     return Placement(slot, slot.device_ids if uses_gpu else None, engine, environment)
+
+
+def _slot_at(slots: Sequence[GpuSlot], conn_id: str | None, index: int | None) -> GpuSlot | None:
+    return next((slot for slot in slots if (slot.conn_id, slot.index) == (conn_id, index)), None)
 
 
 def engine_for(slots: Sequence[GpuSlot], conn_id: str | None, index: int | None, backend: str) -> dict[str, Any]:
     """The engine settings a planned job's slot adds to its manifest (tensor_parallel_size), {} off GPU hosts."""
-    slot = next((slot for slot in slots if (slot.conn_id, slot.index) == (conn_id, index)), None)
+    slot = _slot_at(slots, conn_id, index)
     return placement(slot, backend).engine if slot else {}
+
+
+def devices_of(slots: Sequence[GpuSlot], conn_id: str | None, index: int | None) -> list[str] | None:
+    """The device ids of a planned job's slot, recorded with its chunk: the job runs on exactly these (None off GPU
+    hosts; [] for a host that declares no GPU ids)."""
+    slot = _slot_at(slots, conn_id, index)
+    return list(slot.device_ids) if slot else None
+
+
+def planned_slot(slots: Sequence[GpuSlot], conn_id: str, index: int | None, devices: Sequence[str] | None) -> GpuSlot:
+    """The slot a job was planned on at discover: the host's slot with the recorded device ids (its position may
+    differ if the declaration changed since), else those recorded devices as they are; never a wider one. A job
+    planned before devices were recorded takes the slot at its index."""
+    if devices is None:
+        return slots[(index or 0) % len(slots)]
+    wanted = tuple(str(device) for device in devices)
+    found = next((slot for slot in slots if slot.device_ids == wanted), None)
+    return found or GpuSlot(conn_id, index or 0, wanted, cpu_only=not wanted and slots[0].cpu_only)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import ConfigDict, Field
 
@@ -16,7 +16,7 @@ __all__ = ["FINAL_STATUSES", "Hint", "Item", "Status", "Tokens", "failed_item", 
 # `valid` lives between validation and merge; every item ends the run in one of FINAL_STATUSES.
 Status = Literal["valid", FinalStatus]
 # Internal fields: needed by later stages, left out of the report.
-INTERNAL_FIELDS = {"key", "text", "frame_paths"}
+INTERNAL_FIELDS = {"key", "text", "frame_paths", "spec", "attempt_checks"}
 
 
 class Item(ReportItem):
@@ -28,6 +28,10 @@ class Item(ReportItem):
     key: str | None = None
     text: str | None = None
     frame_paths: list[str] = Field(default_factory=list)
+    # The PromptSpec as discover read it (the bytes its key hashes): what the model is asked and the output is made
+    # from, never the file re-read later (it may have been edited meanwhile; the next run picks the edit up).
+    spec: dict[str, Any] | None = None
+    attempt_checks: list[str] = Field(default_factory=list)  # every failed check of every judged answer
 
     def report_item(self) -> ReportItem:
         return ReportItem.model_validate(self.model_dump(exclude=INTERNAL_FIELDS))

@@ -2,11 +2,14 @@
 
     specs/<spec_id>.json              upsampled PromptSpecs (the product)
     reports/<run_id>.json|.html       run reports
+    review/<spec_id>.json             flagged answers with their failed checks and attempts, for a person; never
+                                      consumed downstream
     hints/<hint_key>/frame-NN.jpg     hint frames, cached by content key (shared by runs)
     jobs/<job_key>/                   one model job: manifest.json, ledger.jsonl (the checkpoint), logs
     jobs/by-item/<item_key>           which job was given the item, so a later run reuses its answer
     runs/<run_id>/                    one run's folder (RunFolder): settings.json, discovered.json, chunks/,
                                       validated/, plans/, merged.json, stages/
+    events/claims/<message_id>        the run that took a bucket-event message (events.claim_messages)
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from typing import Any
 
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._+=:@-]")
 # Folder names under output_dir that readers (the UI plugin) check paths against.
-SPECS, REPORTS, HINTS, JOBS, RUNS = "specs", "reports", "hints", "jobs", "runs"
+SPECS, REPORTS, HINTS, JOBS, RUNS, REVIEW = "specs", "reports", "hints", "jobs", "runs", "review"
+EVENTS = "events"
 
 
 def safe_name(value: str) -> str:
@@ -58,6 +62,13 @@ class OutputLayout:
     def spec_path(self, spec_id: str) -> Path:
         return self.specs_dir / f"{spec_id}.json"
 
+    @property
+    def review_dir(self) -> Path:
+        return self.root / REVIEW
+
+    def review_path(self, spec_id: str) -> Path:
+        return self.review_dir / f"{spec_id}.json"
+
     def report_paths(self, run_id: str) -> tuple[Path, Path]:
         name = safe_name(run_id)
         return self.reports_dir / f"{name}.json", self.reports_dir / f"{name}.html"
@@ -74,6 +85,10 @@ class OutputLayout:
     def hint_dir(self, hint_key: str) -> Path:
         return self.hints_dir / hint_key
 
+    @property
+    def message_claims_dir(self) -> Path:
+        return self.root / EVENTS / "claims"
+
     def answer_pointer(self, item_key: str) -> Path:
         """jobs/by-item/<item_key>: the key of the job that was given this item (see merge.earlier_answers)."""
         return self.jobs_dir / "by-item" / item_key
@@ -85,13 +100,16 @@ class RunFolder:
     later stage, which is why no stage works it out from a file inside it.
 
         settings.json           the settings discover resolved; every later stage reads them back
+        trigger.json            what started the run (report_model.RunTrigger): schedule, manual, bucket events
         discovered.json         items final at discovery (cached, duplicate ids)
         chunks/chunk-NNNN.json  the spec files of one future model job and the GPU slot it is planned on; each
                                 chunk runs its own validate -> batch -> upsample (a mapped task group)
         validated/chunk-NNNN.json  the items a validate task made of that chunk
         plans/chunk-NNNN.json   the model job batch made of that chunk, and its items earlier jobs already answered
+        review.json             the spec ids of the run's review requests, in the review task's map-index order
         merged.json             every item after merge: what the report shows
         stages/<stage>.json     seconds of work per stage (and per mapped index)
+        notes/<stage>-chunk-NNNN.txt  why a chunk's validate or batch did not finish (stage_notes), while it has not
         video_cache/chunk-NNNN.json  video cache hits and downloads of a validate task (object-storage input)
     """
 
@@ -106,12 +124,20 @@ class RunFolder:
         return self.path / "settings.json"
 
     @property
+    def trigger(self) -> Path:
+        return self.path / "trigger.json"
+
+    @property
     def discovered(self) -> Path:
         return self.path / "discovered.json"
 
     @property
     def merged(self) -> Path:
         return self.path / "merged.json"
+
+    @property
+    def review_requests(self) -> Path:
+        return self.path / "review.json"
 
     @property
     def chunks_dir(self) -> Path:
@@ -163,6 +189,10 @@ class RunFolder:
             jobs.extend([plan["job"]] if plan["job"]["job_key"] else [])
             answered.update(plan["answered"])
         return jobs, answered
+
+    def stage_note(self, stage: str, chunk: Path) -> Path:
+        """Where `stage` (validate, batch) of `chunk` keeps why it did not finish (see stage_notes)."""
+        return self.path / "notes" / f"{stage}-{chunk.stem}.txt"
 
     def stage_record(self, stage: str, index: int | None = None) -> Path:
         name = stage if index is None else f"{stage}-{index:04d}"

@@ -2,16 +2,19 @@
 
 For each job: ask the host whether a container for the job still runs (a killed task's) and adopt it, else stage the
 manifest and hint frames over SFTP (frames named by content, so a retry sends only what is missing) and start the
-worker container on a free slot -> while it runs, copy the new bytes of the host's ledger back at a steady interval
-(the UI's progress moves; a killed Airflow worker loses nothing the host already answered) -> remove the container
-and fetch the ledger once more, whatever happened. The ledger lives on the host, next to the job; the worker skips
-what it already holds, so a retried task or a container that died mid-job redoes only the unfinished items.
+worker container on a free slot (`start_docker_job`) -> while it runs, copy the new bytes of the host's ledger back at
+a steady interval (`ContainerWatch`, run by the trigger the task defers to: docker_trigger.py; the UI's progress
+moves, a lost Airflow worker or triggerer loses nothing the host already answered) -> fetch the ledger once more and
+remove the container, whatever happened (`finish_docker_job`, in the resumed task). The ledger lives on the host,
+next to the job; the worker skips what it already holds, so a retried task or a container that died mid-job redoes
+only the unfinished items.
 
-One SSH connection per task: the SSHHook's client, whose host key was verified against the connection's pinned
-`host_key` (or the worker's known_hosts, read only), carries both SFTP and the Docker API (`docker system
-dial-stdio` on the host, the Docker SDK's own paramiko transport). The provider's DockerHook is not used: it hands an
-`ssh://` URL to the SDK, which opens its own connection checked only against ~/.ssh/known_hosts, so the pinned key
-would have to be written there for good. Nothing is written to the worker's ~/.ssh.
+One SSH connection at a time per job (starting, following, finishing): the SSHHook's client, whose host key was
+verified against the connection's pinned `host_key` (or the worker's known_hosts, read only), carries both SFTP and
+the Docker API (`docker system dial-stdio` on the host, the Docker SDK's own paramiko transport). The provider's
+DockerHook is not used: it hands an `ssh://` URL to the SDK, which opens its own connection checked only against
+~/.ssh/known_hosts, so the pinned key would have to be written there for good. Nothing is written to the worker's
+~/.ssh.
 
 No shell string is ever built from a spec: SFTP calls and the Docker API take paths and argument lists as values.
 """
@@ -26,15 +29,22 @@ import shlex
 import stat
 import time
 import uuid
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from include.cosmos_upsample.batching import JobPlan
-from include.cosmos_upsample.errors import NotRetryable, PlanNotTheEngines, WorkerFailed
+from include.cosmos_upsample.errors import (
+    NotRetryable,
+    UnknownConnection,
+    WorkerFailed,
+    WorkerRefused,
+    is_unknown_connection,
+    last_error_line,
+)
 from include.cosmos_upsample.gpu_slots import (
-    GPUS_EXTRA,
     NVIDIA_SMI_COMMAND,
     GpuSlot,
     HostGpus,
@@ -43,17 +53,21 @@ from include.cosmos_upsample.gpu_slots import (
     host_gpus,
     parse_nvidia_smi,
     placement,
+    planned_slot,
     wants_discovery,
 )
 from include.cosmos_upsample.jobformat import (
     EXIT_JOB_BUSY,
-    EXIT_TOKENIZER_MISMATCH,
+    EXIT_REFUSED,
     LEDGER_NAME,
     MANIFEST_NAME,
     Job,
+    Ledger,
+    job_lock,
 )
 from include.cosmos_upsample.layout import OutputLayout, read_json, write_json_atomic
 from include.cosmos_upsample.settings import DEFAULT_MODELS, Settings
+from include.cosmos_upsample.watchdog import StallWatch, WorkerStalled
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +85,8 @@ HOST_MARKER_NAME = "host.json"
 DOCKER_API_VERSION = "1.41"
 # How often the container's state is looked at while it runs (the ledger is copied every ledger_sync_seconds).
 POLL_SECONDS = 1.0
+# The longest a ledger copy waits for another process copying the same job's ledger.
+LEDGER_LOCK_WAIT_SECONDS = 30.0
 
 
 class HostKeyError(NotRetryable):
@@ -162,12 +178,41 @@ def container_spec(settings: Settings, job: RemoteJob, place: Placement, attempt
     )
 
 
+@contextmanager
+def gpu_connection(conn_id: str) -> Iterator[None]:
+    """Looking up a GPU host's connection: an id Airflow does not know is a setting to fix, not something to retry."""
+    try:
+        yield
+    except Exception as exc:
+        if is_unknown_connection(exc):
+            raise UnknownConnection(conn_id, "gpu_conn_ids") from None
+        raise
+
+
+def _connection_extra(conn_id: str) -> dict[str, Any]:
+    from airflow.providers.ssh.hooks.ssh import SSHHook
+
+    with gpu_connection(conn_id):
+        return SSHHook.get_connection(conn_id).extra_dejson
+
+
 def ssh_hook(conn_id: str):
+    """The hook of a GPU host's connection, refused when it would accept a host key it has not been given."""
     from airflow.providers.ssh.hooks.ssh import SSHHook
 
     # cmd_timeout is about silence on a command; staging is SFTP only, and the model job runs through Docker.
     # One connect attempt per task try: the task's own retries (with backoff) cover an unreachable host.
-    return SSHHook(ssh_conn_id=conn_id, cmd_timeout=None, conn_timeout=20, conn_retry_attempts=1)
+    with gpu_connection(conn_id):
+        hook = SSHHook(ssh_conn_id=conn_id, cmd_timeout=None, conn_timeout=20, conn_retry_attempts=1)
+    # Verification must not rest on the provider's defaults (older providers auto-added unknown keys): either flag
+    # makes SSHHook.get_conn accept a key nobody vouched for (AutoAddPolicy / no BadHostKeyException).
+    accepting = [flag for flag in ("no_host_key_check", "allow_host_key_change") if getattr(hook, flag, False)]
+    if accepting:
+        raise HostKeyError(
+            f"connection {conn_id} sets {' and '.join(accepting)}, so any host key would be accepted; the runner "
+            "refuses it: remove that extra and put the host's public key ('ssh-ed25519 AAAA...', from ssh-keyscan on "
+            "a trusted network) in the connection's host_key extra")
+    return hook
 
 
 class HostUnreachable(RuntimeError):
@@ -242,32 +287,36 @@ def discover_gpus(ssh_client, conn_id: str) -> tuple[str, ...]:
     return parse_nvidia_smi(output)
 
 
+class GpuDiscoveryFailed(RuntimeError):
+    """A host declared `"gpus": "auto"` could not be asked for its GPUs: retried, never taken as "all GPUs" (a job
+    on every GPU beside other jobs' single-GPU slots would share their GPUs)."""
+
+
+def _discovered_gpus(conn_id: str, ssh_client=None) -> tuple[str, ...]:
+    try:
+        if ssh_client is not None:
+            return discover_gpus(ssh_client, conn_id)
+        client = open_verified(ssh_hook(conn_id))
+        try:
+            return discover_gpus(client, conn_id)
+        finally:
+            client.close()
+    except NotRetryable:
+        raise
+    except Exception as exc:
+        raise GpuDiscoveryFailed(
+            f"GPU host {conn_id}: could not list its GPUs with nvidia-smi ({exc}); no job is placed on a guess. "
+            "Check the host and its nvidia-smi, or declare its device ids in the connection's gpus extra") from None
+
+
 def host_gpus_of(conn_id: str, ssh_client=None) -> HostGpus:
-    """The host's GPU declaration from its connection; with `"gpus": "auto"`, nvidia-smi's answer (logged).
-
-    Discovery that fails (no nvidia-smi, host down) falls back to one slot with every GPU, as if undeclared.
-    """
-    from airflow.providers.ssh.hooks.ssh import SSHHook
-
-    extra = SSHHook.get_connection(conn_id).extra_dejson
+    """The host's GPU declaration from its connection; with `"gpus": "auto"`, nvidia-smi's answer (logged), and
+    GpuDiscoveryFailed when it cannot be had."""
+    extra = _connection_extra(conn_id)
     discovered = None
     if wants_discovery(extra):
-        try:
-            if ssh_client is not None:
-                discovered = discover_gpus(ssh_client, conn_id)
-            else:
-                client = open_verified(ssh_hook(conn_id))
-                try:
-                    discovered = discover_gpus(client, conn_id)
-                finally:
-                    client.close()
-            log.info("GPU host %s: nvidia-smi lists GPUs %s", conn_id, list(discovered))
-        except Exception as exc:  # noqa: BLE001 - any failure means: no declaration
-            log.warning("GPU host %s: could not list its GPUs (%s); using one slot with all of its GPUs",
-                        conn_id, exc)
-            discovered = None
-    if wants_discovery(extra) and discovered is None:
-        extra = {key: value for key, value in extra.items() if key != GPUS_EXTRA}
+        discovered = _discovered_gpus(conn_id, ssh_client)
+        log.info("GPU host %s: nvidia-smi lists GPUs %s", conn_id, list(discovered))
     hosts = host_gpus(conn_id, extra, discovered)
     log.info("GPU host %s: %d slot(s) %s", conn_id, len(hosts.slots()),
              [list(slot.device_ids) or "all" for slot in hosts.slots()])
@@ -275,12 +324,29 @@ def host_gpus_of(conn_id: str, ssh_client=None) -> HostGpus:
 
 
 def gpu_hosts(conn_ids: Iterable[str]) -> list[HostGpus]:
-    return [host_gpus_of(conn_id) for conn_id in conn_ids]
+    """The slots to plan on. A host whose GPUs cannot be listed now gets no job this run (logged); with none left,
+    discover fails this try (retried)."""
+    hosts, failures = [], []
+    for conn_id in conn_ids:
+        try:
+            hosts.append(host_gpus_of(conn_id))
+        except GpuDiscoveryFailed as exc:
+            log.warning("%s; no job of this run is planned on it", exc)
+            failures.append(str(exc))
+    if not hosts:
+        raise GpuDiscoveryFailed("; ".join(failures))
+    return hosts
 
 
 def running_containers(api, label: str) -> list[dict[str, Any]]:
     """Running worker containers on the host carrying `label` (key or key=value)."""
     return api.containers(filters={"label": [label], "status": ["running"]})
+
+
+def running_job_keys(ssh_client) -> set[str]:
+    """The jobs whose worker container runs on the host behind this verified SSH client (for retention.py)."""
+    running = running_containers(_verified_engine_client(ssh_client, 30), JOB_LABEL)
+    return {key for key in ((c.get("Labels") or {}).get(JOB_LABEL) for c in running) if key}
 
 
 def _pointed_jobs(layout: OutputLayout, item_keys: Iterable[str]) -> set[str]:
@@ -305,21 +371,43 @@ def _hosts_of(layout: OutputLayout, job_keys: Iterable[str]) -> dict[str, list[s
     return hosts
 
 
-def live_remote_jobs(layout: OutputLayout, settings: Settings, item_keys: Iterable[str]) -> list[JobPlan]:
+def _held_on_silent_host(layout: OutputLayout, conn_id: str, job_keys: list[str], wanted: set[str],
+                         exc: Exception) -> dict[str, str]:
+    """The unanswered items of jobs on a host that could not be asked: its container may still be answering them,
+    so planning them into a new job could pay for them twice. Held back (item key -> why) until the host answers."""
+    held = {}
+    for job_key in job_keys:
+        job_dir = layout.job_dir(job_key)
+        if not (job_dir / MANIFEST_NAME).exists():
+            continue
+        job = Job.read(job_dir)
+        done = Ledger.of(job_dir).finished_keys(job)  # answers already copied back are merged as usual
+        reason = (f"held back: its job {job_key} ran on GPU host {conn_id}, which did not answer ({exc}), and may "
+                  "still be answering it there; it is planned again once the host answers. If that host is gone for "
+                  f"good, delete {job_dir / HOST_MARKER_NAME} and re-run")
+        held.update({item.key: reason for item in job.items
+                     if item.key in wanted and item.key not in done})
+    return held
+
+
+def live_remote_jobs(layout: OutputLayout, settings: Settings,
+                     item_keys: Iterable[str]) -> tuple[list[JobPlan], dict[str, str]]:
     """Before batch plans these items, ask the hosts that ran their jobs what they hold now.
 
     Each such job's ledger is copied back first (a container that outlived its killed task kept answering), so
     `earlier_answers` sees every answer the host has. A job whose container still runs is returned, to be kept
-    whole by plan_jobs instead of re-planned into a second job that would pay for its items again. A host that
-    cannot be asked is logged and skipped: the worker's own job lock still refuses a second worker.
+    whole by plan_jobs instead of re-planned into a second job that would pay for its items again. The unanswered
+    items of jobs on a host that cannot be asked are returned too (key -> why), to be held out of every new job.
     """
     wanted = set(item_keys)
-    pinned = []
+    pinned, held = [], {}
     for conn_id, job_keys in _hosts_of(layout, _pointed_jobs(layout, wanted)).items():
         try:
             client = open_verified(ssh_hook(conn_id))
-        except Exception as exc:  # noqa: BLE001 - the upsample task reports the host's problem
-            log.warning("could not ask GPU host %s about jobs %s (%s)", conn_id, job_keys, exc)
+        except Exception as exc:  # noqa: BLE001 - whatever the host's problem, its jobs' items wait for it
+            log.warning("could not ask GPU host %s about jobs %s (%s): their unanswered items are held back",
+                        conn_id, job_keys, exc)
+            held.update(_held_on_silent_host(layout, conn_id, job_keys, wanted, exc))
             continue
         try:
             with client.open_sftp() as sftp:
@@ -339,7 +427,7 @@ def live_remote_jobs(layout: OutputLayout, settings: Settings, item_keys: Iterab
                 log.info("job %s still runs on %s (container %s): kept whole, not re-planned", job_key, conn_id,
                          container.get("Id", "")[:12])
                 pinned.append(JobPlan(job_key, conn_id, keys, int(slot) if slot.isdigit() else 0))
-    return pinned
+    return pinned, held
 
 
 def _sftp_exists_with_size(sftp, path: PurePosixPath, size: int) -> bool:
@@ -388,8 +476,23 @@ def sync_ledger(sftp, job: RemoteJob, local_job_dir: Path) -> int:
     """Copy the bytes of the host's ledger that the local copy lacks; returns the local size.
 
     The ledger is append-only, so the local copy is a prefix of the host's and only the tail travels. A host ledger
-    shorter than the local copy (the host's job folder was cleared) replaces it whole.
+    shorter than the local copy (the host's job folder was cleared) replaces it whole. Copied under the local job
+    folder's lock (jobformat.job_lock): Airflow may run one trigger twice for a while (a triggerer taken for dead
+    while it still runs), and two copiers appending the same tail would write it twice. One that finds the lock held
+    waits a bounded time for the other to finish the same copy.
     """
+    deadline = time.monotonic() + LEDGER_LOCK_WAIT_SECONDS
+    while True:
+        with job_lock(local_job_dir) as held:
+            if held:
+                return _copy_ledger_tail(sftp, job, local_job_dir)
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"the local ledger of job {job.job_key} stayed locked by another process for "
+                               f"{LEDGER_LOCK_WAIT_SECONDS:g} s ({local_job_dir})")
+        time.sleep(0.2)
+
+
+def _copy_ledger_tail(sftp, job: RemoteJob, local_job_dir: Path) -> int:
     target = local_job_dir / LEDGER_NAME
     have = target.stat().st_size if target.exists() else 0
     try:
@@ -427,37 +530,92 @@ def create_container(api, spec: ContainerSpec) -> str:
 
 @dataclass
 class ContainerWatch:
-    """Follows one container: its new log lines to the task log, its ledger to the local job folder."""
+    """Follows one running container from wherever the waiting happens (the triggerer: docker_trigger.py): its new log
+    lines to the log (the triggerer files them under the task's try), its ledger to the local job folder every
+    `sync_seconds`, its stall watchdog and the try's deadline.
 
-    api: Any
-    sftp: Any
-    container_id: str
+    Holds one verified SSH connection between polls (opened on the first), as the SSH provider's SSHRemoteJobTrigger
+    does, so the host's sshd sees one connection per job, not one per poll. Built from small values only, so a
+    restarted triggerer re-creates it from the trigger's kwargs and goes on from the ledger bytes already copied
+    (the local file's size): nothing copied twice, nothing lost.
+    """
+
     job: RemoteJob
+    container_id: str
     local_job_dir: Path
     sync_seconds: float
+    stall: StallWatch  # no new ledger line for its limit while the worker holds its GPU: stopped, try failed
+    deadline: float | None = None  # epoch seconds: the try's execution_timeout, which Airflow does not apply deferred
+    clock: Callable[[], float] = time.monotonic
     log_lines: int = 0
     ledger_bytes: int = 0
     tail: tuple[str, ...] = ()
+    _synced: float | None = field(default=None, init=False)
+    _client: Any = field(default=None, init=False)
+    _api: Any = field(default=None, init=False)
+    _sftp: Any = field(default=None, init=False)
 
     def copy_logs(self) -> None:
-        lines = self.api.logs(self.container_id, stdout=True, stderr=True).decode(errors="replace").splitlines()
+        lines = self._api.logs(self.container_id, stdout=True, stderr=True).decode(errors="replace").splitlines()
         for line in lines[self.log_lines:]:
             log.info("worker | %s", line)
+            self.stall.worker_said(line)
         self.log_lines, self.tail = len(lines), tuple(lines[-15:])
 
-    def until_exit(self, clock: Callable[[], float] = time.monotonic) -> int:
-        synced = clock()
-        while True:
-            state = self.api.inspect_container(self.container_id)["State"]
-            if not state.get("Running"):
-                return int(state.get("ExitCode", -1))
-            if clock() - synced >= self.sync_seconds:
-                size = sync_ledger(self.sftp, self.job, self.local_job_dir)
-                self.copy_logs()
-                if size != self.ledger_bytes:
-                    log.info("ledger of job %s: %d bytes here", self.job.job_key, size)
-                synced, self.ledger_bytes = clock(), size
-            time.sleep(min(POLL_SECONDS, self.sync_seconds))
+    def _connect(self) -> None:
+        if self._client is None:
+            self._client = open_verified(ssh_hook(self.job.conn_id))
+            self._api = _verified_engine_client(self._client, timeout=60)
+            self._sftp = self._client.open_sftp()
+
+    def close(self) -> None:
+        client, self._client, self._api, self._sftp = self._client, None, None, None
+        if client is not None:
+            client.close()
+
+    def _sync(self) -> None:
+        size = sync_ledger(self._sftp, self.job, self.local_job_dir)
+        self.copy_logs()
+        if size != self.ledger_bytes:
+            log.info("ledger of job %s: %d bytes here", self.job.job_key, size)
+        self._synced, self.ledger_bytes = self.clock(), size
+        self.stall.ledger_is(size)
+
+    def poll(self) -> dict[str, Any] | None:
+        """One look at the container (blocking: run it off the event loop). None while it runs and nothing is wrong;
+        else what ended the wait: {"status": "exited", "exit_code": N}, "stalled" or "timeout" with a message."""
+        self._connect()
+        state = self._api.inspect_container(self.container_id)["State"]
+        if not state.get("Running"):
+            return {"status": "exited", "exit_code": int(state.get("ExitCode", -1)), "message": ""}
+        if self._synced is None or self.clock() - self._synced >= self.sync_seconds:
+            self._sync()
+        container = f"its container {self.container_id[:12]} on {self.job.conn_id}"
+        if self.stall.stalled():  # the resumed task stops the container
+            return {"status": "stalled", "exit_code": None,
+                    "message": str(self.stall.error(self.job.job_key, container))}
+        if self.deadline is not None and time.time() >= self.deadline:
+            return {"status": "timeout", "exit_code": None,
+                    "message": f"job {self.job.job_key}: the try's execution_timeout passed while {container} ran"}
+        return None
+
+    def end(self, stop: bool) -> dict[str, Any]:
+        """Stop the container (unless it exited), copy its last log lines and the ledger once more, remove it;
+        returns what the engine said of it last."""
+        self._connect()
+        if stop:
+            _stop(self._api, self.container_id)
+        self.copy_logs()
+        size = sync_ledger(self._sftp, self.job, self.local_job_dir)
+        log.info("fetched the ledger of job %s (%d bytes)", self.job.job_key, size)
+        info = self._api.inspect_container(self.container_id)
+        self._api.remove_container(self.container_id, force=True)
+        return info
+
+
+def remote_job(settings: Settings, job_info: dict[str, Any]) -> RemoteJob:
+    return RemoteJob(job_info["conn_id"], job_info["job_key"], PurePosixPath(settings.host_work_dir),
+                     PurePosixPath(settings.host_model_dir))
 
 
 def _start_or_adopt(api, sftp, settings: Settings, job: RemoteJob, job_info: dict[str, Any], hosts: HostGpus,
@@ -471,7 +629,8 @@ def _start_or_adopt(api, sftp, settings: Settings, job: RemoteJob, job_info: dic
     for stale in api.containers(all=True, filters={"label": [f"{JOB_LABEL}={job.job_key}"]}):
         api.remove_container(stale["Id"], force=True)  # an exited container of an earlier try
     busy = {(c.get("Labels") or {}).get(SLOT_LOCK_LABEL) for c in running_containers(api, SLOT_LOCK_LABEL)}
-    slot: GpuSlot = choose_slot(hosts.slots(), busy, job_info.get("slot") or 0)
+    planned = planned_slot(hosts.slots(), job.conn_id, job_info.get("slot"), job_info.get("devices"))
+    slot: GpuSlot = choose_slot(hosts.slots(), busy, planned)
     place = placement(slot, settings.backend)
     sent = stage_job(sftp, job, read_json(local_job_dir / MANIFEST_NAME), container_model(settings), place.engine)
     log.info("staged job %s on %s: %d frame file(s) sent", job.job_key, job.conn_id, sent)
@@ -480,7 +639,7 @@ def _start_or_adopt(api, sftp, settings: Settings, job: RemoteJob, job_info: dic
     write_json_atomic(local_job_dir / HOST_MARKER_NAME, {"conn_id": job.conn_id, "container": spec.name})
     api.start(container_id)
     log.info("started container %s for job %s on slot %s (GPUs %s, lock %s)", spec.name, job.job_key, slot.label,
-             list(slot.device_ids) or "all", slot.lock_name)
+             list(slot.device_ids) or ("none" if slot.cpu_only else "all"), slot.lock_name)
     return container_id
 
 
@@ -492,38 +651,64 @@ def _stop(api, container_id: str) -> None:
         log.warning("could not stop container %s: %s", container_id[:12], exc)
 
 
-def run_docker_job(settings: Settings, job_info: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
-    local_job_dir = Path(job_info["job_dir"])
-    job = RemoteJob(job_info["conn_id"], job_info["job_key"], PurePosixPath(settings.host_work_dir),
-                    PurePosixPath(settings.host_model_dir))
+def start_docker_job(settings: Settings, job_info: dict[str, Any]) -> str:
+    """Adopt the job's running container or start one on a free slot; returns its id. The waiting is done elsewhere
+    (the task defers to docker_trigger.DockerJobTrigger), then `finish_docker_job`."""
+    job = remote_job(settings, job_info)
     client = open_verified(ssh_hook(job.conn_id))
     try:
         hosts = host_gpus_of(job.conn_id, client)
         api = _verified_engine_client(client, timeout=60)
         with client.open_sftp() as sftp:
-            container_id = _start_or_adopt(api, sftp, settings, job, job_info, hosts, local_job_dir)
-            watch = ContainerWatch(api, sftp, container_id, job, local_job_dir, settings.ledger_sync_seconds)
-            try:
-                code = watch.until_exit()
-            except BaseException:
-                _stop(api, container_id)
-                raise
-            finally:
-                watch.copy_logs()
-                size = sync_ledger(sftp, job, local_job_dir)
-                log.info("fetched the ledger of job %s (%d bytes)", job.job_key, size)
-            info = api.inspect_container(container_id)
-            state, labels = info["State"], info["Config"].get("Labels") or {}
-            api.remove_container(container_id, force=True)
+            return _start_or_adopt(api, sftp, settings, job, job_info, hosts, Path(job_info["job_dir"]))
     finally:
         client.close()
+
+
+def trigger_kwargs(settings: Settings, job_info: dict[str, Any], container_id: str,
+                   started_at: float) -> dict[str, Any]:
+    """What the trigger following a job's container is made of (docker_trigger.DockerJobTrigger): small values only,
+    since Airflow stores them to re-create the trigger in whichever triggerer runs it."""
+    return {"conn_id": job_info["conn_id"], "job_key": job_info["job_key"], "container_id": container_id,
+            "host_work_dir": settings.host_work_dir, "host_model_dir": settings.host_model_dir,
+            "local_job_dir": job_info["job_dir"], "sync_seconds": settings.ledger_sync_seconds,
+            "stall_timeout_seconds": settings.stall_timeout_seconds, "started_at": started_at}
+
+
+def _raise_for(event: dict[str, Any], tail: tuple[str, ...], job: RemoteJob, image: str) -> None:
+    """The errors of a finished wait, as the task raises them: retried, or (a refusal) failed at once."""
+    if event["status"] == "stalled":
+        raise WorkerStalled(event["message"])
+    if event["status"] == "timeout":
+        from airflow.sdk.exceptions import AirflowTaskTimeout
+
+        raise AirflowTaskTimeout(event["message"])  # stage_notes names the bound and its setting
+    if event["status"] != "exited":
+        error = WorkerFailed if event.get("retryable", True) else NotRetryable
+        raise error(f"following the container of job {job.job_key} on {job.conn_id} failed: {event['message']}")
+    code = event["exit_code"]
     if code == EXIT_JOB_BUSY:
         raise WorkerFailed(f"job {job.job_key} is held by another worker on {job.conn_id}; the retry adopts it")
-    if code == EXIT_TOKENIZER_MISMATCH:
-        raise PlanNotTheEngines.from_output(watch.tail, where=f"on {job.conn_id}: ")
+    if code == EXIT_REFUSED:
+        raise WorkerRefused.from_output(tail, where=f"on {job.conn_id} (image {image}): ")
     if code != 0:
         raise WorkerFailed(
-            f"worker container for job {job.job_key} on {job.conn_id} exited with status {code}; finished items are "
-            "kept in the ledger and a retry does only the rest. Last output:\n" + "\n".join(watch.tail))
+            f"worker container for job {job.job_key} on {job.conn_id} exited with status {code}: "
+            f"{last_error_line(tail)}; finished items are kept in the ledger and a retry does only the rest")
+
+
+def finish_docker_job(settings: Settings, job_info: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
+    """After the wait (`event`: ContainerWatch.poll's outcome, or an error of the trigger): stop the container unless
+    it exited, fetch the ledger once more, remove the container, then raise what the wait ended with."""
+    job, local_job_dir = remote_job(settings, job_info), Path(job_info["job_dir"])
+    container_id = event["container_id"]
+    watch = ContainerWatch(job, container_id, local_job_dir, settings.ledger_sync_seconds,
+                           StallWatch(settings.stall_timeout_seconds))
+    try:
+        info = watch.end(stop=event["status"] != "exited")
+    finally:
+        watch.close()
+    state, labels = info["State"], info["Config"].get("Labels") or {}
+    _raise_for(event, watch.tail, job, settings.worker_image)
     return {"container": container_id[:12], "started_at": state.get("StartedAt"),
             "finished_at": state.get("FinishedAt"), "slot_lock": labels.get(SLOT_LOCK_LABEL)}

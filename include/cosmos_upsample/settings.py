@@ -13,14 +13,16 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from include.cosmos_upsample.errors import SettingsError
 from include.cosmos_upsample.prompt_formats import (
     DEFAULT_PROMPT_FORMAT,
     PROMPT_FORMATS,
     PromptFormat,
     effective_sampling,
 )
+from include.cosmos_upsample.quality import Thresholds, thresholds_for
 
 DAG_ID = "cosmos_prompt_upsample"
 ASSET_URI = "cosmos://upsampled-prompts"
@@ -29,6 +31,9 @@ DISCOVER_TASK_ID, RUN_DIR_XCOM_KEY = "discover", "run_dir"
 REPORT_TASK_ID, REPORT_XCOM_KEY = "report", "report_location"
 # Model jobs take a slot of this pool: give it one slot per GPU host (airflow_settings.yaml), so N hosts run N jobs.
 GPU_POOL = "cosmos_gpu"
+# Jobs of runner `endpoint` take a slot of this pool instead: sized to the inference service (each job keeps
+# `endpoint_concurrency` requests in flight), no GPU slot held.
+ENDPOINT_POOL = "cosmos_endpoint"
 VARIABLE_PREFIX = "cosmos_upsample_"
 ENV_PREFIX = "COSMOS_UPSAMPLE_"
 # The local runner's worker interpreter (setting `worker_python`), e.g. the separate vLLM environment `.venv-vllm`.
@@ -58,6 +63,7 @@ def local_model_path(model_id: str) -> str:
 
 # Param sections of the trigger form, in the order they appear.
 DATA, COMPUTE, MODEL, HINT, ENGINE, RUN = "Data", "Compute", "Model", "Hint", "Engine (vLLM on GPU hosts)", "Run"
+QUALITY = "Answer quality"
 
 
 def _field(default: Any = None, *, title: str, section: str | None, description: str, **constraints: Any) -> Any:
@@ -78,6 +84,7 @@ class Sampling(BaseModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, ge=1.0, le=2.0)
     seed: int | None = None
+    top_k: int | None = Field(None, ge=-1)  # -1 or empty: no top-k limit (cosmos3_structured: 20, as NVIDIA)
 
 
 class Settings(BaseModel):
@@ -98,9 +105,17 @@ class Settings(BaseModel):
     work_dir: str = _field("", title="Work folder", section=DATA,
                            description="Shared POSIX scratch with working flock: hint frames, job ledgers, locks, "
                                        "run plans and the video cache. Empty: the output folder when it is local.")
-    runner: Literal["local", "docker"] = _field(
+    runner: Literal["local", "docker", "endpoint"] = _field(
         "local", title="Runner", section=COMPUTE,
-        description="local: the worker runs beside the task. docker: the worker image on GPU hosts over SSH.")
+        description="local: the worker runs beside the task. docker: the worker image on GPU hosts over SSH. "
+                    "endpoint: an OpenAI-compatible inference service (vLLM serve, NVIDIA NIM); backend vllm.")
+    endpoint_conn_id: str = _field("cosmos_upsample_endpoint", title="Inference service connection",
+                                   section=COMPUTE,
+                                   description="Airflow connection of the service (runner endpoint): host a base URL "
+                                               "such as http://h:8000/v1 (or host, schema, port), password the API "
+                                               "key; any connection type.")
+    endpoint_concurrency: int = _field(16, title="Requests in flight", section=COMPUTE, ge=1,
+                                       description="Requests in flight per upsample task (runner endpoint).")
     gpu_conn_ids: list[str] = _field(list, title="GPU hosts", section=COMPUTE,
                                      description="SSH connection ids of the GPU hosts (runner docker).")
     batch_max_items: int = _field(128, title="Prompts per job", section=COMPUTE, ge=1,
@@ -110,11 +125,19 @@ class Settings(BaseModel):
         description="vllm: the Pixtral-family VLM. llama_cpp: the small local text model.")
     model: str = _field("", title="Model", section=MODEL,
                         description="Model id or folder; the built-in choice is the backend's default model.")
-    prompt_format: Literal["cosmos_upsampler", "instruction"] | None = _field(
+    prompt_format: Literal["cosmos_upsampler", "instruction", "cosmos3_structured"] | None = _field(
         None, title="Prompt format", section=MODEL,
         description="cosmos_upsampler: frames first, then the raw prompt, as NVIDIA runs the Cosmos upsampler. "
-                    "instruction: an instruction plus the prompt. Empty: cosmos_upsampler for vllm, instruction "
-                    "for llama_cpp.")
+                    "instruction: an instruction plus the prompt. cosmos3_structured: a Cosmos 3 structured JSON "
+                    "prompt, checked against its schema. Empty: cosmos_upsampler for vllm, instruction for "
+                    "llama_cpp.")
+    prompt_template: str = _field("", title="Prompt template", section=MODEL,
+                                  description="A Jinja2 file rendering the user text from `spec` (the PromptSpec), "
+                                              "`prompt`, `hint_source` and `num_frames`, in place of the prompt "
+                                              "format's text; empty: the format's own.")
+    response_schema: str = _field("", title="Answer schema", section=MODEL,
+                                  description="A JSON Schema file the answer must follow (sent as response_format, "
+                                              "checked); the answer is stored as compact JSON. Empty: the format's.")
     tokenizer: str = _field("", title="Planner tokenizer", section=MODEL,
                             description="A tekken.json the token planner counts with; empty: the model folder's "
                                         "own tekken.json if it has one, else mistral-common's Pixtral-12B one.")
@@ -153,6 +176,25 @@ class Settings(BaseModel):
                                       description="The run fails when more than this share of specs failed.")
     dry_run: bool = _field(False, title="Dry run", section=RUN,
                            description="Plan only: validate, count tokens, batch, report; no model.")
+    quality: dict[str, Any] = _field(
+        dict, title="Quality thresholds", section=QUALITY,
+        description="Overrides of the answer checks' thresholds, e.g. {\"min_words\": 30, \"skip\": "
+                    "[\"language\"]} (fields: min_words, max_words, repetition_ngram, repetition_max, "
+                    "max_non_latin_share, min_common_share, echo_similarity, blocklist_min_chars, "
+                    "blocklist_letter_count, skip); the others keep the prompt format's defaults.")
+    quality_retries: int = _field(2, title="Re-asks", section=QUALITY, ge=0, le=10,
+                                  description="Times a flagged answer is asked again with a new seed, in the same "
+                                              "model job.")
+    review: Literal["none", "flagged"] = _field(
+        "none", title="Review", section=QUALITY,
+        description="flagged: a person approves, edits or rejects each flagged answer in the Airflow UI (Required "
+                    "Actions) before merge. none: flagged answers wait in output_dir/review/.")
+    max_flagged_ratio: float = _field(1.0, title="Flagged ratio", section=QUALITY, ge=0.0, le=1.0,
+                                      description="The run fails when more than this share of specs ends flagged "
+                                                  "(1: never).")
+    retry_flagged: bool = _field(False, title="Re-ask flagged", section=QUALITY,
+                                 description="Ask the model again for specs flagged by an earlier run (a plain "
+                                             "re-run leaves them flagged).")
     # Deployment-only settings (Variables or environment): the worker image and folders on the GPU hosts, and
     # the interpreter of the local runner's worker (e.g. a separate vLLM environment).
     worker_image: str = _field("cosmos-upsampler:latest", title="Worker image", section=None,
@@ -168,6 +210,32 @@ class Settings(BaseModel):
     video_cache_gb: float = _field(20.0, title="Video cache size (GB)", section=None, ge=0.0,
                                    description="Cap of work_dir/cache/videos, the videos fetched from object storage; "
                                                "least recently used ones are evicted above it.")
+    # Runner endpoint, as NVIDIA's Cosmos 3 client (cosmos_framework/inference/prompt_upsampling.py,
+    # `PromptUpsamplerConfig`: timeout_s 300, max_retries 5 attempts). The waits between tries are the openai
+    # client's: the service's Retry-After (up to 2 minutes), else 0.5 s doubling up to 8 s, jittered.
+    endpoint_timeout_seconds: float = _field(300.0, title="Request timeout", section=None, gt=0.0,
+                                             description="Seconds one request to the inference service may take.")
+    endpoint_attempts: int = _field(5, title="Attempts per request", section=None, ge=1,
+                                    description="Tries of one request on 408, 409, 429, 5xx, timeouts and dropped "
+                                                "connections; then the task fails and Airflow retries it.")
+    retention_days: float = _field(30.0, title="Scratch retention (days)", section=None, ge=0.0,
+                                   description="Run scratch in work_dir (runs/, jobs/, hints/) and job folders on GPU "
+                                               "hosts unchanged for this many days are pruned after each run; never "
+                                               "outputs, reports, review files or anything of a running run. 0: never.")
+    stall_timeout_seconds: float = _field(
+        1800.0, title="Stall timeout", section=None, gt=0.0,
+        description="A model job whose worker holds its GPU and adds no answer to its ledger for this long (the model "
+                    "load included) is stopped and its try failed; the retry keeps the finished answers.")
+    ffmpeg_timeout_seconds: float = _field(
+        120.0, title="ffprobe/ffmpeg timeout", section=None, gt=0.0,
+        description="The longest one ffprobe or ffmpeg run on a spec's video may take; a video that hangs it is "
+                    "invalid, with that reason.")
+    blocklist_path: str = _field("", title="Blocklist", section=None,
+                                 description="Word list (a file, or a folder of files) of the `blocklist` check; "
+                                             "empty: the list shipped in include/cosmos_upsample/blocklist.txt.")
+    review_timeout_seconds: float = _field(86400.0, title="Review timeout", section=None, gt=0.0,
+                                           description="How long a flagged answer waits for a reviewer (review "
+                                                       "flagged); then it stays flagged.")
 
     @field_validator("hint_resolution")
     @classmethod
@@ -183,15 +251,41 @@ class Settings(BaseModel):
             raise ValueError(f"spec_pattern {value!r} may not contain '..': spec files must be inside input_dir")
         return value
 
-    @field_validator("model", "tokenizer", "worker_python", "quantization", "storage_conn_id", "work_dir")
+    @field_validator("model", "tokenizer", "worker_python", "quantization", "storage_conn_id", "work_dir",
+                     "endpoint_conn_id", "prompt_template", "response_schema", "blocklist_path")
     @classmethod
     def _strip(cls, value: str) -> str:
         return value.strip()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _endpoint_serves_a_vlm(cls, data: Any) -> Any:
+        """Runner endpoint sends the frames to a vision-language model: its backend default is vllm (the
+        Pixtral family, counted with mistral-common), not the local text model."""
+        if isinstance(data, dict) and data.get("runner") == "endpoint" and not data.get("backend"):
+            return {**data, "backend": "vllm"}
+        return data
+
     @model_validator(mode="after")
-    def _docker_needs_hosts(self) -> Settings:
+    def _quality_thresholds(self) -> Settings:
+        thresholds_for(self.format.name, self.quality)  # ValueError naming an unknown threshold or a bad value
+        return self
+
+    @model_validator(mode="after")
+    def _runner_has_what_it_needs(self) -> Settings:
         if self.runner == "docker" and not self.gpu_conn_ids:
             raise ValueError("runner 'docker' needs gpu_conn_ids: the SSH connection ids of the GPU hosts")
+        if self.runner == "endpoint" and self.backend != "vllm":
+            raise ValueError("runner 'endpoint' sends frames to a vision-language model: use backend 'vllm' "
+                             "(or leave it empty)")
+        return self
+
+    @model_validator(mode="after")
+    def _team_format_files_usable(self) -> Settings:
+        if self.prompt_template or self.response_schema:
+            from include.cosmos_upsample.team_format import check_files
+
+            check_files(self.prompt_template, self.response_schema)
         return self
 
     @property
@@ -204,11 +298,30 @@ class Settings(BaseModel):
 
     @property
     def format(self) -> PromptFormat:
-        return PROMPT_FORMATS[self.prompt_format or DEFAULT_PROMPT_FORMAT[self.backend]]
+        """The prompt format, with a team's own template and answer schema when given (team_format.py)."""
+        base = PROMPT_FORMATS[self.prompt_format or DEFAULT_PROMPT_FORMAT[self.backend]]
+        if not (self.prompt_template or self.response_schema):
+            return base
+        from include.cosmos_upsample.team_format import team_format
+
+        return team_format(base, self.prompt_template, self.response_schema)
+
+    def user_text(self, spec: Any, hint_source: str | None) -> str:
+        """The user turn's text for a spec (a specs.PromptSpec): the team's template if given, else the format's."""
+        if self.prompt_template:
+            from include.cosmos_upsample.team_format import render_user_text
+
+            return render_user_text(self.prompt_template, spec, hint_source, self.num_frames)
+        return self.format.user_text(spec.prompt, hint_source)
 
     @property
     def frames_from(self) -> str:
         return self.frame_sampling or self.format.frame_sampling
+
+    @property
+    def thresholds(self) -> Thresholds:
+        """The prompt format's thresholds with the run's `quality` overrides."""
+        return thresholds_for(self.format.name, self.quality)
 
     @property
     def effective_sampling(self) -> dict[str, Any]:
@@ -303,13 +416,27 @@ def resolve_settings(
     """Param, then Variable, then environment, then built-in default, for each field of `Settings`."""
     environ = environ or {}
     chosen: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     for name in Settings.model_fields:
-        value = params.get(name)
+        value, sources[name] = params.get(name), f"the {name} Param"
         if _is_empty(value):
-            raw = variable_get(VARIABLE_PREFIX + name)
+            raw, sources[name] = variable_get(VARIABLE_PREFIX + name), f"the Variable {VARIABLE_PREFIX}{name}"
             if _is_empty(raw):
-                raw = environ.get(ENV_PREFIX + name.upper())
+                raw, sources[name] = environ.get(ENV_PREFIX + name.upper()), f"env {ENV_PREFIX}{name.upper()}"
             value = None if _is_empty(raw) else _coerce_text(name, str(raw))
         if not _is_empty(value):
             chosen[name] = value
-    return Settings(**chosen)
+    try:
+        return Settings(**chosen)
+    except ValidationError as exc:
+        raise SettingsError(settings_problems(exc, sources)) from None
+
+
+def settings_problems(exc: ValidationError, sources: Mapping[str, str]) -> str:
+    """Each refused value with where it came from (Param, Variable or environment), so the message names the fix."""
+    problems = []
+    for error in exc.errors():
+        name = str(error["loc"][0]) if error["loc"] else ""
+        where = f"{name} (from {sources[name]})" if name in sources else "the settings"
+        problems.append(f"{where}: {error['msg']}")
+    return "settings refused: " + "; ".join(problems) + "; fix that value and trigger the run again"

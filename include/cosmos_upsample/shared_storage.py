@@ -11,7 +11,6 @@ doing anything and fails at once, without retries (another try on the same worke
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import os
 import socket
 from pathlib import Path
@@ -39,10 +38,12 @@ def missing_message(run_dir: Path, host: str) -> str:
     )
 
 
-def write_marker(run_dir: Path) -> Path:
-    """Called by `discover`; the record says which worker wrote it, for the error message of one that cannot see it."""
+def write_marker(run_dir: Path, run_id: str | None = None) -> Path:
+    """Called by `discover`; the record says which worker wrote it, for the error message of one that cannot see it,
+    and which run the folder is (its name is a file-safe form of the run id), for retention.py."""
     path = run_dir / MARKER_NAME
-    write_json_atomic(path, marker_record(socket.gethostname(), os.getpid(), dt.datetime.now(dt.UTC)))
+    record = marker_record(socket.gethostname(), os.getpid(), dt.datetime.now(dt.UTC))
+    write_json_atomic(path, {**record, "run_id": run_id} if run_id else record)
     return path
 
 
@@ -54,21 +55,9 @@ def read_marker(run_dir: Path) -> dict[str, object] | None:
 
 
 def require_shared(run_dir: str | Path) -> dict[str, object]:
-    """Every task after `discover` calls this first; raises a not-retryable error naming the folder and this host."""
+    """Every task after `discover` calls this first; raises a not-retryable error naming the folder and this host
+    (the DAG's `fails_fast` fails the task at once: another try on the same worker cannot see it either)."""
     record = read_marker(Path(run_dir))
     if record is None:
-        raise _error_class()(missing_message(Path(run_dir), socket.gethostname()))
+        raise SharedStorageError(missing_message(Path(run_dir), socket.gethostname()))
     return record
-
-
-@functools.cache
-def _error_class() -> type[SharedStorageError]:
-    # Inside an Airflow task the error must also be an AirflowFailException, or the task SDK retries it: retries
-    # cannot help a worker that does not mount the storage. Imported lazily: this package imports no Airflow.
-    try:
-        from airflow.sdk.exceptions import AirflowFailException
-    except ImportError:
-        return SharedStorageError
-    cls = type("AirflowSharedStorageError", (SharedStorageError, AirflowFailException), {"__module__": __name__})
-    globals()[cls.__name__] = cls  # findable by name, so the exception pickles like any other
-    return cls

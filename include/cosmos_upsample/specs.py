@@ -45,12 +45,20 @@ def id_from_file_name(stem: str) -> str:
     return cleaned or "spec"
 
 
-def load_spec(path: Path) -> PromptSpec:
-    """Parse a spec file, or raise SpecError naming the file and what to fix."""
+def read_spec_bytes(path: Path) -> bytes:
     try:
-        raw = path.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
         raise SpecError(f"{path.name}: cannot be read ({exc.strerror}); check the file's permissions") from None
+
+
+def load_spec(path: Path) -> PromptSpec:
+    """Parse a spec file, or raise SpecError naming the file and what to fix."""
+    return parse_spec(read_spec_bytes(path), path)
+
+
+def parse_spec(raw: bytes, path: Path) -> PromptSpec:
+    """A spec file's bytes as a PromptSpec (its id from the file name when it has none), or SpecError."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -135,12 +143,20 @@ def file_identity(path: Path) -> str:
     return f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
 
 
-def content_key(spec_bytes: bytes, video_identity: str, settings_fingerprint: str) -> str:
-    """Same spec bytes, same video and same settings: the same answer, so the output can be reused."""
+def content_key(spec_id: str, spec_bytes: bytes, video_identity: str, settings_fingerprint: str) -> str:
+    """Same spec (its id: the output it makes), same bytes, same video and same settings: the same answer, so the
+    output can be reused. The id is part of it: two files with the same bytes and no `id` are two specs (named by
+    their files), two items, two outputs."""
     digest = hashlib.sha256()
-    for part in (spec_bytes, video_identity.encode(), settings_fingerprint.encode()):
+    for part in (spec_id.encode(), spec_bytes, video_identity.encode(), settings_fingerprint.encode()):
         digest.update(hashlib.sha256(part).digest())
     return digest.hexdigest()[:32]
+
+
+def original_prompt(spec: PromptSpec) -> str:
+    """The user's own short prompt: for an input that was upsampled before (sent again only with `force`), the one
+    it kept in parent_prompt_text, so the lineage is never lost."""
+    return (spec.parent_prompt_text if spec.is_upsampled else None) or spec.prompt
 
 
 def upsampled_spec(spec: PromptSpec, new_prompt: str, provenance: dict[str, Any]) -> dict[str, Any]:
@@ -148,6 +164,6 @@ def upsampled_spec(spec: PromptSpec, new_prompt: str, provenance: dict[str, Any]
     data = spec.model_dump(mode="json")
     data["prompt"] = new_prompt
     data["is_upsampled"] = True
-    data["parent_prompt_text"] = spec.prompt
+    data["parent_prompt_text"] = original_prompt(spec)
     data["metadata"] = {**spec.metadata, "upsampling": provenance}
     return data

@@ -15,20 +15,20 @@ ledgers, locks, the video cache) lives in `work_dir`, a shared POSIX folder with
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import os
 import re
-import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from include.cosmos_upsample.errors import NotRetryable
+from include.cosmos_upsample.jobformat import flocked
 from include.cosmos_upsample.layout import OutputLayout, json_text, write_json_atomic, write_local_atomic
 
 log = logging.getLogger(__name__)
@@ -42,8 +42,8 @@ EVICTION_GRACE_SECONDS = 600
 _SAFE_SUFFIX = re.compile(r"^\.[A-Za-z0-9]{1,8}$")
 
 
-class StorageError(ValueError):
-    """A location that cannot be used as asked; the message says which setting to change."""
+class StorageError(NotRetryable, ValueError):
+    """A location that cannot be used as asked; the message says which setting to change (a retry cannot)."""
 
 
 def is_remote(path: Any) -> bool:
@@ -227,8 +227,7 @@ class VideoCache:
         """A local file with the object's bytes (downloaded now, or a hit); touched as used for LRU eviction."""
         target = self.folder / self.entry_name(path)
         self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / f".{target.name}.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with flocked(self.folder / f".{target.name}.lock"):
             if target.is_file():
                 os.utime(target)
                 with self._lock:
@@ -242,17 +241,16 @@ class VideoCache:
         return target
 
     def _download(self, path: Any, target: Path) -> int:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=self.folder)
-        try:
-            with os.fdopen(fd, "wb") as handle, path.open("rb") as source:
-                size = 0
+        size = 0
+
+        def chunks() -> Iterator[bytes]:
+            nonlocal size
+            with path.open("rb") as source:
                 while chunk := source.read(8 * 2**20):
-                    handle.write(chunk)
                     size += len(chunk)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+                    yield chunk
+
+        write_local_atomic(target, chunks())
         return size
 
     def evict(self, keep: Path | None = None, now: float | None = None) -> int:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from include.cosmos_upsample.prompt_formats import PromptFormat
     from include.cosmos_upsample.settings import Settings
 
 # mistral-common scales any image whose longer side exceeds this; larger hints only cost pixels.
@@ -93,22 +94,25 @@ def fit_hint(counter: TokenCounter, text: str, src_width: int, src_height: int, 
 
 class PixtralCounter:
     """Counts a Pixtral chat request exactly as mistral-common encodes it (what vLLM runs with
-    tokenizer_mode="mistral"): the text and the images in the prompt format's order."""
+    tokenizer_mode="mistral"): the format's system turn, then the text and the images in the format's order."""
 
-    def __init__(self, tokenizer_file: str | None = None, images_first: bool = False) -> None:
+    def __init__(self, tokenizer_file: str | None = None, images_first: bool = False,
+                 system: str | None = None) -> None:
         from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
         self._tokenizer = (MistralTokenizer.from_file(tokenizer_file) if tokenizer_file
                            else MistralTokenizer.v3(is_tekken=True, is_mm=True))
         self.images_first = images_first
+        self.system = system
 
     def encode(self, text: str, width: int, height: int, frames: int) -> list[int]:
-        from mistral_common.protocol.instruct.messages import ImageChunk, TextChunk, UserMessage
+        from mistral_common.protocol.instruct.messages import ImageChunk, SystemMessage, TextChunk, UserMessage
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
         images = [ImageChunk(image=_blank_image(width, height))] * frames
         chunks = [*images, TextChunk(text=text)] if self.images_first else [TextChunk(text=text), *images]
-        request = ChatCompletionRequest(messages=[UserMessage(content=chunks)])
+        system = [SystemMessage(content=self.system)] if self.system else []
+        request = ChatCompletionRequest(messages=[*system, UserMessage(content=chunks)])
         return self._tokenizer.encode_chat_completion(request).tokens
 
     def count(self, text: str, width: int, height: int, frames: int) -> int:
@@ -133,9 +137,9 @@ def planner_tokenizer(settings: Settings) -> str:
 
 
 @lru_cache(maxsize=8)
-def pixtral_counter(tokenizer_file: str | None, images_first: bool) -> PixtralCounter:
+def pixtral_counter(tokenizer_file: str | None, images_first: bool, system: str | None = None) -> PixtralCounter:
     """One tokenizer per process and format: building one takes about a second."""
-    return PixtralCounter(tokenizer_file, images_first)
+    return PixtralCounter(tokenizer_file, images_first, system)
 
 
 class SearchingPixtralCounter:
@@ -166,7 +170,7 @@ def _blank_image(width: int, height: int):
 class LlamaCppCounter:
     """Counts what llama.cpp's chat completion feeds SmolLM2 (text only; the frames are not sent)."""
 
-    def __init__(self, model_path: str) -> None:
+    def __init__(self, model_path: str, prompt_format: PromptFormat | None = None) -> None:
         from llama_cpp import Llama
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -175,7 +179,10 @@ class LlamaCppCounter:
         eos = self._llm.detokenize([self._llm.token_eos()]).decode("utf-8", "replace")
         bos = self._llm.detokenize([self._llm.token_bos()]).decode("utf-8", "replace")
         self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+        self._format = prompt_format
 
     def count(self, text: str, width: int, height: int, frames: int) -> int:
-        formatted = self._formatter(messages=[{"role": "user", "content": text}]).prompt
+        # The messages the worker sends (text only), system turn included.
+        messages = self._format.chat_messages(text) if self._format else [{"role": "user", "content": text}]
+        formatted = self._formatter(messages=messages).prompt
         return len(self._llm.tokenize(formatted.encode("utf-8"), add_bos=False, special=True))

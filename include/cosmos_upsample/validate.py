@@ -45,12 +45,13 @@ class Counters:
 
 
 def make_counters(settings: Settings) -> Counters:
-    pixtral = pixtral_counter(planner_tokenizer_file(settings), settings.format.images_first)
+    pixtral = pixtral_counter(planner_tokenizer_file(settings), settings.format.images_first, settings.format.system)
     if settings.backend == "vllm":
         return Counters(pixtral, pixtral, True, threading.Lock())
     from include.cosmos_upsample.tokens import LlamaCppCounter
 
-    return Counters(pixtral, LlamaCppCounter(local_model_path(settings.model_id)), False, threading.Lock())
+    return Counters(pixtral, LlamaCppCounter(local_model_path(settings.model_id), settings.format), False,
+                    threading.Lock())
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def _hint_video(spec: PromptSpec, source: Path, settings: Settings, videos: Vide
     else:
         label = f"{source.name}: {choice.field} video {choice.path!r}"
     local = local_file(video, videos)
-    info = probe_once(local, label)
+    info = probe_once(local, label, timeout=settings.ffmpeg_timeout_seconds)
     if info.frame_count is not None and info.frame_count < settings.num_frames:
         raise VideoError(
             f"{label} has {info.frame_count} frame(s), fewer than num_frames={settings.num_frames}; "
@@ -87,18 +88,20 @@ def _write_hint(hint: HintVideo, times: list[float], size: tuple[int, int], sett
     key = hint_key(file_identity(hint.path), size[0], size[1], times, sampling, hint.source.name, hint.source.derive)
     frames = cached_hint(layout.hint_dir(key), hint.local or hint.path, times, size[0], size[1], hint.label,
                          first=sampling == "first", derive=hint.source.derive,
-                         source_size=(hint.info.width, hint.info.height))
+                         source_size=(hint.info.width, hint.info.height), timeout=settings.ffmpeg_timeout_seconds)
     return [str(path) for path in frames]
 
 
 def validate_spec(source: Path, key: str, settings: Settings, counters: Counters, layout: OutputLayout,
-                  videos: VideoCache | None = None) -> Item:
+                  videos: VideoCache | None = None, spec_data: dict | None = None) -> Item:
+    """`spec_data`: the spec as discover read it (its key hashes those bytes); without it (a spec discover could not
+    read) the file is read here, for the reason."""
     budget = settings.token_budget
     try:
         check_spec_file(source, path_from(settings.input_dir))
-        spec = load_spec(source)
+        spec = PromptSpec.model_validate(spec_data) if spec_data is not None else load_spec(source)
         hint = _hint_video(spec, source, settings, videos)
-        text = settings.format.user_text(spec.prompt)
+        text = settings.user_text(spec, hint.source.name)
         size = _hint_size(settings, counters, text, hint.info.width, hint.info.height, source.name)
         frames = settings.num_frames
         with counters.lock:
@@ -123,6 +126,7 @@ def validate_spec(source: Path, key: str, settings: Settings, counters: Counters
         tokens=Tokens(prompt=prompt_tokens, budget=budget),
         hint=Hint(width=size[0], height=size[1], frames=frames, source=hint.source.name, times=times),
         frames_sent=frames if counters.frames_sent else 0, key=key, text=text, frame_paths=frame_paths,
+        spec=spec.model_dump(mode="json"),
     )
 
 
@@ -150,7 +154,7 @@ def validate_entries(entries: list[dict], settings: Settings, layout: OutputLayo
         nonlocal done
         source = path_from(entry["source_path"])
         try:
-            item = validate_spec(source, entry["key"], settings, counters, layout, videos)
+            item = validate_spec(source, entry["key"], settings, counters, layout, videos, entry.get("spec"))
         except Exception as exc:  # an input nobody foresaw must not take the chunk's other specs down with it
             log.exception("validating %s crashed", source)
             item = failed_item(source, f"{source.name}: validation crashed ({type(exc).__name__}: {exc}); see the "

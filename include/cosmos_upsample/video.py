@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import re
 import shutil
+import subprocess
 import tempfile
 import threading
 from collections import OrderedDict
@@ -26,6 +28,9 @@ HINT_FORMAT_VERSION = "jpg-q2-v1"
 # read the files it lists, wherever they are; image demuxers take a still picture for a video.
 VIDEO_DEMUXERS = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,mpeg,flv,ogg,asf,gif,yuv4mpegpipe"
 _REFUSED_DEMUXER = re.compile(r"\[(\w+) @ [^\]]*\] Format not on whitelist")
+# The longest one ffprobe/ffmpeg run may take by default (setting `ffmpeg_timeout_seconds`): a 2-frame hint of a 4K
+# clip takes about a second here, so a run this long is hung (a damaged file, a stalled network mount), not slow.
+DEFAULT_TIMEOUT = 120.0
 # ffmpeg's words when it cannot write its output: the output folder's fault, not the video's.
 OUTPUT_ERRORS = {"No space left on device": errno.ENOSPC, "Read-only file system": errno.EROFS,
                  "Disk quota exceeded": errno.EDQUOT, "Permission denied": errno.EACCES}
@@ -88,20 +93,37 @@ def _frame_count(stream: dict, duration: float | None) -> int | None:
     return None
 
 
-def probe(path: Path, label: str) -> VideoInfo:
-    """Size, duration and frame count of the first video stream; VideoError says what is wrong and what to do."""
+def run_bounded(args: list[str], timeout: float, label: str, doing: str) -> tuple[int, bytes, bytes]:
+    """Run ffprobe/ffmpeg with a bound: one still running after `timeout` seconds is killed, and its spec is invalid
+    (a hung decode stops that spec, never its chunk). Returns the exit status, stdout and stderr."""
+    process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        info = ffmpeg.probe(str(path), format_whitelist=VIDEO_DEMUXERS)
-    except ffmpeg.Error as exc:
-        refused = _REFUSED_DEMUXER.search((exc.stderr or b"").decode("utf-8", "replace"))
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise VideoError(
+            f"{label}: {doing} did not finish within {timeout:g} s (ffmpeg_timeout_seconds) and was stopped; the "
+            "file may be damaged or on storage that stalls: re-encode or copy it, or raise that setting") from None
+    finally:
+        if process.poll() is None:  # timed out, or this task is being stopped: leave no ffmpeg behind
+            process.kill()
+            process.communicate()
+    return process.returncode, out, err
+
+
+def probe(path: Path, label: str, timeout: float = DEFAULT_TIMEOUT) -> VideoInfo:
+    """Size, duration and frame count of the first video stream; VideoError says what is wrong and what to do."""
+    # The arguments of ffmpeg-python's `ffmpeg.probe` (ffmpeg/_probe.py), run with a bound: it has none.
+    args = ["ffprobe", "-show_format", "-show_streams", "-of", "json", "-format_whitelist", VIDEO_DEMUXERS, str(path)]
+    code, out, err = run_bounded(args, timeout, label, "ffprobe")
+    if code != 0:
+        refused = _REFUSED_DEMUXER.search(err.decode("utf-8", "replace"))
         if refused:
             raise VideoError(
                 f"{label}: ffmpeg reads it as {refused[1]}, not as a video (playlists and images are refused: they "
                 "can point outside input_dir); use a video file such as MP4, MOV, MKV, WebM, AVI or MPEG-TS"
-            ) from None
-        raise VideoError(
-            f"{label}: unreadable video ({_first_line(exc.stderr)}); re-encode it, e.g. as H.264 MP4"
-        ) from None
+            )
+        raise VideoError(f"{label}: unreadable video ({_first_line(err)}); re-encode it, e.g. as H.264 MP4")
+    info = json.loads(out.decode("utf-8"))
     streams = [s for s in info.get("streams", []) if s.get("codec_type") == "video"]
     if not streams:
         raise VideoError(f"{label}: no video stream (audio-only or not a video); point it at a video file")
@@ -123,20 +145,20 @@ _probed: OrderedDict[tuple, VideoInfo] = OrderedDict()
 _probed_lock = threading.Lock()
 
 
-def probe_once(path: Path, label: str) -> VideoInfo:
+def probe_once(path: Path, label: str, timeout: float = DEFAULT_TIMEOUT) -> VideoInfo:
     """`probe`, run once per version of a file in this process: keyed by the path and its inode, size, mtime and
     ctime, so a replaced or rewritten video is probed again. Failures are not kept: their reason names the spec."""
     try:
         stat = os.stat(path)
     except OSError:
-        return probe(path, label)  # probe words what is wrong with it
+        return probe(path, label, timeout=timeout)  # probe words what is wrong with it
     key = (str(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
     with _probed_lock:
         info = _probed.get(key)
         if info is not None:
             _probed.move_to_end(key)
             return info
-    info = probe(path, label)
+    info = probe(path, label, timeout=timeout)
     with _probed_lock:
         _probed[key] = info
         if len(_probed) > PROBE_CACHE_SIZE:
@@ -230,7 +252,8 @@ def hint_frame_stream(stream, width: int, height: int, derive: str | None = None
 
 
 def extract_frames(video: Path, times: list[float], width: int, height: int, out_dir: Path, label: str, *,
-                   first: bool = False, derive: str | None = None, source_size: tuple[int, int] | None = None) -> None:
+                   first: bool = False, derive: str | None = None, source_size: tuple[int, int] | None = None,
+                   timeout: float = DEFAULT_TIMEOUT) -> None:
     """Write frame-NN.jpg into out_dir in one ffmpeg process: one input seek per frame (`times`), or with `first`
     frames 0..N-1 selected by index from a single decode of the clip's start."""
     names = frame_names(len(times))
@@ -244,15 +267,11 @@ def extract_frames(video: Path, times: list[float], width: int, height: int, out
             frame = ffmpeg.input(str(video), format_whitelist=VIDEO_DEMUXERS, **seek).video
         frame = hint_frame_stream(frame, width, height, derive, source_size)
         outputs.append(frame.output(str(out_dir / name), vframes=1, **{"q:v": 2}))
-    try:
-        ffmpeg.merge_outputs(*outputs).global_args("-nostdin", "-v", "error").run(
-            capture_stdout=True, capture_stderr=True, overwrite_output=True
-        )
-    except ffmpeg.Error as exc:
-        _raise_if_output_error(exc.stderr, out_dir)
-        raise VideoError(
-            f"{label}: frame extraction failed ({_first_line(exc.stderr)}); the video may be corrupt"
-        ) from None
+    args = ffmpeg.merge_outputs(*outputs).global_args("-nostdin", "-v", "error").compile(overwrite_output=True)
+    code, _, err = run_bounded(args, timeout, label, "ffmpeg extracting its hint frames")
+    if code != 0:
+        _raise_if_output_error(err, out_dir)
+        raise VideoError(f"{label}: frame extraction failed ({_first_line(err)}); the video may be corrupt")
     for name, seconds in zip(names, times, strict=True):
         produced = out_dir / name
         if not produced.exists() or produced.stat().st_size == 0:
@@ -263,7 +282,7 @@ def extract_frames(video: Path, times: list[float], width: int, height: int, out
 
 def cached_hint(cache_dir: Path, video: Path, times: list[float], width: int, height: int, label: str, *,
                 first: bool = False, derive: str | None = None,
-                source_size: tuple[int, int] | None = None) -> list[Path]:
+                source_size: tuple[int, int] | None = None, timeout: float = DEFAULT_TIMEOUT) -> list[Path]:
     """The hint frames in cache_dir, extracted once: a temp folder renamed into place, so no half hint is seen.
     cache_dir's name must hold everything that makes the frames (see `hint_key`)."""
     names = frame_names(len(times))
@@ -274,7 +293,7 @@ def cached_hint(cache_dir: Path, video: Path, times: list[float], width: int, he
         if all((cache_dir / name).is_file() for name in names):
             return [cache_dir / name for name in names]
         _extract_into(cache_dir, names, video, times, width, height, label, first=first, derive=derive,
-                      source_size=source_size)
+                      source_size=source_size, timeout=timeout)
     return [cache_dir / name for name in names]
 
 

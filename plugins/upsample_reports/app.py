@@ -20,6 +20,7 @@ from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessE
 from airflow.api_fastapi.core_api.security import GetUserDep, requires_authenticated
 from airflow.configuration import conf
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Path as PathParam
 from fastapi import status as http_status
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.templating import Jinja2Templates
@@ -27,9 +28,9 @@ from jinja2 import Environment, FileSystemLoader
 
 from include.cosmos_upsample.report_model import FinalStatus
 from include.cosmos_upsample.storage import is_remote
-from upsample_reports import charts
+from upsample_reports import charts, frames
 from upsample_reports.reports import DAG_ID, ReportNotFound, RunIndex, item_output_file, load_report
-from upsample_reports.views import run_context, summaries, summary
+from upsample_reports.views import MAX_RUNS_PER_PAGE, RUNS_PER_PAGE, run_context, summaries, summary
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -85,6 +86,9 @@ class _Links:
 
     def item(self, run_id: str, spec_id: str) -> str:
         return f"{self.base}/runs/{quote(run_id, safe='')}/items/{quote(spec_id, safe='')}"
+
+    def frame(self, run_id: str, spec_id: str, index: int) -> str:
+        return f"{self.item(run_id, spec_id)}/frames/{index}"
 
     def api_runs(self) -> str:
         return f"{self.base}/api/runs"
@@ -147,8 +151,8 @@ def stylesheet() -> FileResponse:
 
 
 @router.get("/", response_class=HTMLResponse)
-def run_list(request: Request) -> HTMLResponse:
-    return _render(request, "runs.html", {"runs": summaries(_index(request))})
+def run_list(request: Request, page: int = Query(1, ge=1)) -> HTMLResponse:
+    return _render(request, "runs.html", summaries(_index(request), page))
 
 
 @router.get("/runs/{run_id}", response_class=HTMLResponse)
@@ -167,7 +171,10 @@ def run_page(
     except ReportNotFound:
         return _render(request, "not_found.html", {"run_id": run_id}, status_code=404)
     report = load_report(record.report_path) if record.report_path else None
-    return _render(request, "run.html", run_context(record, report, status, page))
+    context = run_context(record, report, status, page)
+    context["frames"] = {spec_id: len(paths) for spec_id, paths in
+                         frames.item_frames(frames.run_folder_of(record)).items()} if report else {}
+    return _render(request, "run.html", context)
 
 
 @router.get("/runs/{run_id}/items/{spec_id}")
@@ -186,9 +193,26 @@ def output_spec(request: Request, run_id: str, spec_id: str) -> Response:
     return FileResponse(path, media_type="application/json", headers=headers)
 
 
+@router.get("/runs/{run_id}/items/{spec_id}/frames/{index}")
+def hint_frame(request: Request, run_id: str, spec_id: str, index: int = PathParam(ge=0, le=64)) -> Response:
+    """A hint frame the model saw for an item (thumbnails on the run page, links in the review step): only a file the
+    run's own items name (see frames.py)."""
+    try:
+        record = _index(request).run(run_id)
+    except ReportNotFound:
+        return _no_run(run_id)
+    path = frames.frame_file(frames.run_folder_of(record), spec_id, index)
+    if path is None:
+        return JSONResponse({"detail": f"Run {run_id!r} names no frame {index} for {spec_id!r}"}, 404)
+    headers = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'; sandbox",
+               "Cache-Control": "private, max-age=3600"}
+    return FileResponse(path, media_type="image/jpeg", headers=headers)
+
+
 @router.get("/api/runs")
-def api_runs(request: Request) -> dict[str, Any]:
-    return {"dag_id": DAG_ID, "runs": summaries(_index(request))}
+def api_runs(request: Request, page: int = Query(1, ge=1),
+             per_page: int = Query(RUNS_PER_PAGE, ge=1, le=MAX_RUNS_PER_PAGE)) -> dict[str, Any]:
+    return {"dag_id": DAG_ID, **summaries(_index(request), page, per_page)}
 
 
 @router.get("/api/runs/{run_id}")

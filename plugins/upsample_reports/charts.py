@@ -14,6 +14,7 @@ TOKEN_CHART_WIDTH = 800
 TOKEN_CHART_HEIGHT = 200
 # Over-budget bars (only `invalid` items can be over) are drawn up to this share of the budget, then clipped.
 TOKEN_CHART_CEILING = 1.25
+TOKEN_CHART_MAX_BARS = 400
 HBAR_WIDTH = 520
 HBAR_LABEL_WIDTH = 100
 HBAR_ROW_HEIGHT = 26
@@ -42,19 +43,25 @@ class TokenChart:
 
 
 def token_chart(items: list[ReportItem]) -> TokenChart:
-    """One bar per item with a token count: tokens.prompt / tokens.budget, with a line at the budget."""
+    """One bar per item with a token count: tokens.prompt / tokens.budget, with a line at the budget. Past
+    TOKEN_CHART_MAX_BARS items, each bar stands for a run of neighbouring items and shows the largest of them, so a
+    10,000-item run draws a chart of the same size as a 400-item one and no over-budget item hides."""
     width, height = TOKEN_CHART_WIDTH, TOKEN_CHART_HEIGHT
     counted = [item for item in items if _token_share(item) is not None]
+    shares = [_token_share(item) or 0.0 for item in counted]
     plot_height = height - 10
     budget_y = round(height - plot_height / TOKEN_CHART_CEILING, 2)
-    slot = width / max(len(counted), 1)
+    groups = _groups(len(counted), TOKEN_CHART_MAX_BARS)
+    slot = width / max(len(groups), 1)
     gap = slot * 0.15 if slot >= 4 else 0.0
     bars = []
-    shares = []
-    for index, item in enumerate(counted):
-        share = _token_share(item) or 0.0
-        shares.append(share)
+    for index, (start, end) in enumerate(groups):
+        top = max(range(start, end), key=shares.__getitem__)
+        item, share = counted[top], shares[top]
         bar_height = plot_height * min(share, TOKEN_CHART_CEILING) / TOKEN_CHART_CEILING
+        title = f"{item.spec_id}: {item.tokens.prompt} of {item.tokens.budget} tokens ({share:.0%})"
+        if end - start > 1:
+            title = f"{counted[start].spec_id} to {counted[end - 1].spec_id} ({end - start} items), largest {title}"
         bars.append(
             Bar(
                 x=round(index * slot + gap / 2, 2),
@@ -62,7 +69,7 @@ def token_chart(items: list[ReportItem]) -> TokenChart:
                 width=round(max(slot - gap, 0.5), 2),
                 height=round(bar_height, 2),
                 status=item.status,
-                title=f"{item.spec_id}: {item.tokens.prompt} of {item.tokens.budget} tokens ({share:.0%})",
+                title=title,
             )
         )
     return TokenChart(
@@ -75,6 +82,12 @@ def token_chart(items: list[ReportItem]) -> TokenChart:
         over_budget=sum(1 for share in shares if share > 1.0),
         max_share=max(shares, default=0.0),
     )
+
+
+def _groups(count: int, most: int) -> list[tuple[int, int]]:
+    """`count` items as at most `most` runs of neighbours, (start, end) each, sizes differing by one at most."""
+    bars = min(count, most)
+    return [(count * index // bars, count * (index + 1) // bars) for index in range(bars)]
 
 
 def _token_share(item: ReportItem) -> float | None:

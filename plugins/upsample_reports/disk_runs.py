@@ -1,20 +1,22 @@
-"""Reports on disk: reading a report file into the typed `RunReport`, and finding reports by scanning
-`<output_dir>/reports/*.json` (the deployment's default output dir and every output dir seen in the DB), so reports
-whose DB rows are gone still show. A report names output specs; only those inside its own output dir are served."""
+"""Reports on disk: reading a report file into the typed `RunReport`, and finding reports in
+`<output_dir>/reports/*.json` (the deployment's default output dir and every output dir seen in the DB) through their
+summaries, so reports whose DB rows are gone still show. A report names output specs; only those inside its own
+output dir are served."""
 
 from __future__ import annotations
 
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from include.cosmos_upsample.layout import REPORTS, OutputLayout, safe_name
+from include.cosmos_upsample.layout import REPORTS, OutputLayout
 from include.cosmos_upsample.report_model import RunReport
-from include.cosmos_upsample.settings import DAG_ID, DEFAULT_OUTPUT_DIR, ENV_PREFIX, VARIABLE_PREFIX
+from include.cosmos_upsample.settings import DEFAULT_OUTPUT_DIR, ENV_PREFIX, VARIABLE_PREFIX
 from include.cosmos_upsample.storage import is_remote, is_url, path_from
 from upsample_reports.records import RunRecord, local_path, parse_time
+from upsample_reports.summaries import ListedRun, ReportSummaries, stamp_of
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,7 @@ MAX_SPEC_BYTES = 16 * 1024 * 1024
 
 
 class _ReportCache:
-    """Reports keyed by (path, mtime, size): the run list re-reads a report only after the DAG rewrites it."""
+    """Reports keyed by (path, mtime, size): a run page re-reads its report only after the DAG rewrites it."""
 
     def __init__(self, max_entries: int = 64) -> None:
         self._entries: dict[Path, tuple[tuple[int, int], RunReport]] = {}
@@ -35,11 +37,9 @@ class _ReportCache:
     def load(self, path: Path) -> RunReport:
         if is_remote(path):  # fsspec caches listings per process: the api-server must see a rewritten report
             path.fs.invalidate_cache(path.path)
-        stat = path.stat()
-        if stat.st_size > MAX_REPORT_BYTES:
+        stamp = stamp_of(path.stat())
+        if stamp[1] > MAX_REPORT_BYTES:
             raise ValueError(f"{path} is larger than {MAX_REPORT_BYTES} bytes")
-        # Object storage (ObjectStoragePath.stat) has no st_mtime_ns; its st_mtime is the object's LastModified.
-        stamp = (getattr(stat, "st_mtime_ns", None) or int(stat.st_mtime * 1e9), stat.st_size)
         with self._lock:
             cached = self._entries.get(path)
             if cached and cached[0] == stamp:
@@ -127,44 +127,36 @@ def configured_output_dirs(environ: dict[str, str] | None = None) -> list[Path]:
 
 
 class DirectoryRuns:
-    """Reports found by scanning `<output_dir>/reports/*.json`; run ids are matched by the report's content."""
+    """Reports found in `<output_dir>/reports/`, indexed by their summaries (summaries.py); run ids come from the
+    reports' content, not from file names."""
 
-    def __init__(self, output_dirs: Callable[[], Iterable[Path]]) -> None:
+    def __init__(self, output_dirs: Callable[[], Iterable[Path]],
+                 summaries: ReportSummaries | None = None) -> None:
         self._output_dirs = output_dirs
+        self.summaries = summaries or ReportSummaries(load_report)
 
-    def _reports(
-        self, extra_dirs: Iterable[Path] = (), likely_stem: str | None = None
-    ) -> Iterator[tuple[Path, RunReport]]:
-        seen: set[Path] = set()
-        for output_dir in [*self._output_dirs(), *extra_dirs]:
-            reports_dir = OutputLayout(output_dir).reports_dir
-            if is_remote(reports_dir):  # object storage: list afresh, not from fsspec's per-process cache
-                reports_dir.fs.invalidate_cache(reports_dir.path)
-            if reports_dir in seen or not reports_dir.is_dir():
-                continue
-            seen.add(reports_dir)
-            # The file named after the run is read first; the others only if it does not hold that run.
-            for path in sorted(reports_dir.glob("*.json"), key=lambda p: (p.stem != likely_stem, p.name)):
-                report = load_report(path)
-                if report is not None and report.dag_id == DAG_ID and report.run_id:
-                    yield path, report
-
-    def runs(self, limit: int, extra_dirs: Iterable[Path] = ()) -> list[RunRecord]:
-        records = [self._record(path, report) for path, report in self._reports(extra_dirs)]
-        return records[:limit] if len(records) > limit else records
+    def listed(self, extra_dirs: Iterable[Path] = ()) -> dict[str, ListedRun]:
+        """Every run with a report in the configured output dirs and `extra_dirs`, by run id (the first dir that
+        holds a run wins: the configured ones come first)."""
+        folders = [self.summaries.in_folder(reports_dir) for reports_dir in
+                   dict.fromkeys(OutputLayout(output_dir).reports_dir for output_dir in
+                                 [*self._output_dirs(), *extra_dirs])]
+        folders = [runs for runs in folders if runs]
+        if len(folders) == 1:
+            return folders[0]  # the usual case: one output dir; the folder's (cached) index as it is
+        runs: dict[str, ListedRun] = {}
+        for folder in folders:
+            for run_id, listed in folder.items():
+                runs.setdefault(run_id, listed)
+        return runs
 
     def run(self, run_id: str, extra_dirs: Iterable[Path] = ()) -> RunRecord | None:
-        for path, report in self._reports(extra_dirs, likely_stem=safe_name(run_id)):
-            if report.run_id == run_id:
-                return self._record(path, report)
-        return None
+        listed = self.listed(extra_dirs).get(run_id)
+        return record_of(listed) if listed else None
 
-    @staticmethod
-    def _record(path: Path, report: RunReport) -> RunRecord:
-        return RunRecord(
-            run_id=report.run_id,
-            state=report.state,
-            started_at=parse_time(report.started_at),
-            finished_at=parse_time(report.finished_at),
-            report_path=path,
-        )
+
+def record_of(listed: ListedRun) -> RunRecord:
+    """A run known only from its report on disk: its state and times are the report's."""
+    summary = listed.summary
+    return RunRecord(run_id=summary.run_id, state=summary.state, started_at=listed.started,
+                     finished_at=parse_time(summary.finished_at), report_path=listed.report_path, summary=summary)

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from include.cosmos_upsample.run_summary import RunSummary
 from include.cosmos_upsample.settings import DAG_ID
 from include.cosmos_upsample.storage import is_remote
 
@@ -30,6 +31,7 @@ class RunRecord:
     finished_at: datetime | None = None
     report_path: Path | None = None
     run_dir: Path | None = None
+    summary: RunSummary | None = None  # of the report, for the run list (None: no report yet, or not looked up)
 
 
 def local_path(value: Any) -> Path | None:

@@ -8,21 +8,22 @@ from datetime import UTC, datetime
 from typing import Any
 
 from include.cosmos_upsample.report_model import FINAL_STATUSES, ReportItem, RunReport
+from include.cosmos_upsample.run_summary import RunSummary
 from upsample_reports import charts
-from upsample_reports.disk_runs import load_report
 from upsample_reports.progress import read_progress
 from upsample_reports.records import RunRecord, parse_time
 from upsample_reports.reports import RunIndex
 
 PAGE_SIZE = 200
-RUN_LIST_LIMIT = 200
+RUNS_PER_PAGE = 50
+MAX_RUNS_PER_PAGE = 500
 # A page of a run that is still going re-loads itself; no JS needed.
 REFRESH_SECONDS = 30
 COUNT_KEYS = ("discovered", *FINAL_STATUSES)
 LIVE_STATES = {"running", "queued"}
 
 
-def duration_seconds(record: RunRecord, report: RunReport | None) -> float | None:
+def duration_seconds(record: RunRecord, report: RunSummary | None) -> float | None:
     start = parse_time(report.started_at) if report else None
     end = parse_time(report.finished_at) if report else None
     start, end = start or record.started_at, end or record.finished_at
@@ -33,20 +34,13 @@ def duration_seconds(record: RunRecord, report: RunReport | None) -> float | Non
     return max((end - start).total_seconds(), 0.0) if end else None
 
 
-def counts_of(report: RunReport | None) -> dict[str, int]:
-    counts = report.counts.as_dict() if report else {}
+def counts_of(report: RunSummary | None) -> dict[str, int]:
+    counts = report.counts if report else {}
     return {key: counts[key] for key in COUNT_KEYS if counts.get(key) is not None}
 
 
-def model_of(report: RunReport | None) -> str | None:
-    if not report:
-        return None
-    model = report.model or report.params.get("model")
-    return str(model) if model else None
-
-
-def summary(record: RunRecord, report: RunReport | None, now: float | None = None) -> dict[str, Any]:
-    """One row of the run list (HTML and `/api/runs`)."""
+def summary(record: RunRecord, report: RunSummary | None, now: float | None = None) -> dict[str, Any]:
+    """One row of the run list (HTML and `/api/runs`), from the run's report summary (None: no report yet)."""
     now = time.time() if now is None else now
     progress = None
     if report is None and record.run_dir is not None:
@@ -62,10 +56,11 @@ def summary(record: RunRecord, report: RunReport | None, now: float | None = Non
         "finished_at": finished.isoformat() if finished else None,
         "duration_seconds": duration_seconds(record, report),
         "counts": counts_of(report),
-        "model": model_of(report),
+        "model": report.model if report else None,
         "backend": report.backend if report else None,
         "has_report": report is not None,
         "progress": progress,
+        "trigger": report.trigger.model_dump() if report and report.trigger else None,  # what started the run
     }
 
 
@@ -73,19 +68,18 @@ def filter_items(items: list[ReportItem], status: str | None) -> list[ReportItem
     return [item for item in items if item.status == status] if status else list(items)
 
 
-def summaries(index: RunIndex) -> list[dict[str, Any]]:
+def summaries(index: RunIndex, page: int = 1, per_page: int = RUNS_PER_PAGE) -> dict[str, Any]:
+    """One page of the run list, newest first, and where it is among the pages."""
+    listing = index.page(page, per_page)
     now = time.time()
-    rows = []
-    for record in index.runs(RUN_LIST_LIMIT):
-        report = load_report(record.report_path) if record.report_path else None
-        rows.append(summary(record, report, now))
-    return rows
+    return {"runs": [summary(record, record.summary, now) for record in listing.records], "page": listing.number,
+            "pages": listing.pages, "per_page": per_page, "total": listing.total}
 
 
 def run_context(record: RunRecord, report: RunReport | None, status: str | None, page: int) -> dict[str, Any]:
     """The run page: progress while there is no report, else counts, charts and one page of items."""
     now = time.time()
-    run = summary(record, report, now)
+    run = summary(record, RunSummary.of(report) if report else None, now)
     context: dict[str, Any] = {
         "run": run, "record": record, "report": report, "statuses": FINAL_STATUSES, "count_keys": COUNT_KEYS,
     }

@@ -13,7 +13,8 @@ EXPECTED_PARAMS = {
     "input_dir", "output_dir", "runner", "gpu_conn_ids", "backend", "model", "max_model_len", "max_output_tokens",
     "num_frames", "hint_resolution", "batch_max_items", "force", "max_failure_ratio", "dry_run", "sampling",
     "prompt_format", "hint_source", "frame_sampling", "spec_pattern", "gpu_memory_utilization", "cpu_offload_gb",
-    "max_num_seqs", "enable_prefix_caching", "quantization",
+    "max_num_seqs", "enable_prefix_caching", "quantization", "endpoint_conn_id", "endpoint_concurrency",
+    "prompt_template", "response_schema", "quality", "quality_retries", "review", "max_flagged_ratio", "retry_flagged",
 }
 
 
@@ -29,7 +30,9 @@ def dag(airflow_home):
 class TestDagIntegrity:
     def test_shape(self, dag):
         assert [t.task_id for t in dag.topological_sort()] == [
-            "discover", "validate", "batch", "upsample", "merge_metadata", "report"]
+            "discover", "validate", "batch", "upsample", "upsample_endpoint", "review_requests", "review",
+            "merge_metadata", "report",
+            "prune_scratch"]
         assert {"cosmos", "upsampling"} <= set(dag.tags)
         assert dag.catchup is False
         assert dag.doc_md and "discover" in dag.doc_md
@@ -52,13 +55,21 @@ class TestDagIntegrity:
         so GPU jobs start while later chunks are still validated."""
         group = dag.get_task("validate").get_closest_mapped_task_group()
         assert group is not None and group.group_id == "chunk"
-        for task_id in ("validate", "batch", "upsample"):
+        for task_id in ("validate", "batch", "upsample", "upsample_endpoint"):
             task = dag.get_task(task_id)
             assert task.get_closest_mapped_task_group() is group, task_id
             assert task.map_index_template, task_id
         assert dag.get_task("batch").upstream_task_ids == {"discover", "validate"}
         assert dag.get_task("upsample").upstream_task_ids == {"discover", "batch"}
-        assert dag.get_task("merge_metadata").upstream_task_ids == {"discover", "upsample"}
+        assert dag.get_task("upsample_endpoint").upstream_task_ids == {"discover", "batch"}
+        assert dag.get_task("review_requests").upstream_task_ids == {"discover", "upsample", "upsample_endpoint"}
+        assert dag.get_task("merge_metadata").upstream_task_ids == {"discover", "review"}
+
+    def test_model_jobs_and_service_requests_run_in_pools_of_their_own(self, dag):
+        """Airflow fixes a task's pool at parse time, so runner endpoint has a task of its own: no GPU slot held
+        while requests go to an inference service."""
+        assert dag.get_task("upsample").pool == "cosmos_gpu"
+        assert dag.get_task("upsample_endpoint").pool == "cosmos_endpoint"
 
     def test_later_stages_of_a_chunk_go_first_when_workers_are_scarce(self, dag):
         # weight_rule "upstream": the scheduler weighs a task instance by its upstream tasks, so a chunk's batch and
@@ -66,6 +77,25 @@ class TestDagIntegrity:
         assert {str(getattr(task.weight_rule, "value", task.weight_rule)) for task in dag.tasks} == {"upstream"}
         upstream = {task.task_id: len(task.get_flat_relative_ids(upstream=True)) for task in dag.tasks}
         assert upstream["upsample"] > upstream["batch"] > upstream["validate"] > upstream["discover"], upstream
+
+    def test_pruning_is_a_teardown_after_the_report(self, dag):
+        """It runs whatever became of the work, and a failed report still fails the run (teardowns do not count)."""
+        prune = dag.get_task("prune_scratch")
+        assert prune.is_teardown and prune.upstream_task_ids == {"discover", "report"}
+        assert not prune.downstream_task_ids
+    def test_review_is_a_human_in_the_loop_task_per_flagged_answer(self, dag):
+        """Airflow's HITLOperator mapped over the review requests (none: skipped), before merge; a timeout takes
+        Reject, so the answer stays flagged."""
+        from airflow.providers.standard.operators.hitl import HITLOperator
+
+        review = dag.get_task("review")
+        assert issubclass(review.operator_class, HITLOperator)
+        assert review.operator_class.template_fields == ()  # spec and model text are never rendered as Jinja
+        assert review.partial_kwargs["options"] == ["Approve", "Reject"]
+        assert review.partial_kwargs["defaults"] == ["Reject"]
+        assert review.upstream_task_ids == {"review_requests"}
+        assert dag.get_task("review_requests").trigger_rule == "all_done"
+        assert dag.get_task("merge_metadata").trigger_rule == "all_done"
 
     def test_report_emits_the_asset(self, dag):
         # Airflow normalises the URI with a trailing slash.

@@ -1,9 +1,10 @@
-"""A real Airflow deployment on loopback: api-server, scheduler, dag-processor (and Celery workers), driven only through
-the public REST API (v2) with a SimpleAuthManager JWT, as a user's browser or script drives it."""
+"""A real Airflow deployment on loopback: api-server, scheduler, dag-processor (and a triggerer, Celery workers), driven
+only through the public REST API (v2) with a SimpleAuthManager JWT, as a user's browser or script drives it."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import shutil
 import sys
@@ -15,7 +16,8 @@ from urllib.parse import quote
 
 import httpx
 
-from include.cosmos_upsample.settings import DAG_ID, GPU_POOL
+from include.cosmos_upsample.settings import DAG_ID, ENDPOINT_POOL, GPU_POOL
+from tests.helpers import QUALITY_ENV, RELAXED_QUALITY
 from tests.processes import Service, Services, free_port, http_ok, run_checked, simple_auth_password, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,6 +69,7 @@ class AirflowSite:
             "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
             "PYTHONPATH": str(ROOT),
             "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+            QUALITY_ENV: json.dumps(RELAXED_QUALITY),  # the test model cannot pass the gate: see tests/helpers.py
             **self.extra_env,
         }
 
@@ -74,7 +77,8 @@ class AirflowSite:
 
     def prepare(self, variables: dict[str, str], migrated_sqlite: Path | None = None) -> None:
         """A migrated DB (a copy of the session's migrated SQLite file when given and this site uses SQLite), the
-        GPU pool (the upsample tasks wait for a slot there) and Variables."""
+        pools (the upsample tasks wait for a slot there; the scheduler never runs a task of a pool that does not
+        exist, the skipping one included) and Variables."""
         self.home.mkdir(parents=True, exist_ok=True)
         sqlite_file = self.sql_alchemy_conn.removeprefix("sqlite:///")
         if migrated_sqlite is not None and sqlite_file != self.sql_alchemy_conn:
@@ -82,6 +86,7 @@ class AirflowSite:
         else:
             run_checked([AIRFLOW, "db", "migrate"], self.env, timeout=600)
         run_checked([AIRFLOW, "pools", "set", GPU_POOL, "1", "Model jobs"], self.env)
+        run_checked([AIRFLOW, "pools", "set", ENDPOINT_POOL, "1", "Jobs of runner endpoint"], self.env)
         for key, value in variables.items():
             run_checked([AIRFLOW, "variables", "set", key, value], self.env)
 
@@ -92,10 +97,13 @@ class AirflowSite:
             service.cwd = cwd
         return self.services.start(service)
 
-    def start_core(self) -> None:
+    def start_core(self, triggerer: bool = False) -> None:
+        """api-server, scheduler and dag-processor; and the triggerer, which runs the AssetWatchers of bucket events."""
         self.start("api-server", ["api-server", "--host", "127.0.0.1", "--port", str(self.port)])
         self.start("scheduler", ["scheduler"])
         self.start("dag-processor", ["dag-processor"])
+        if triggerer:
+            self.start("triggerer", ["triggerer"])
         self.wait(lambda: http_ok(f"{self.url}/api/v2/monitor/health"), 180, "the api-server to answer")
         self.wait(lambda: self.get_or_none(f"/dags/{DAG_ID}"), 240, f"the dag-processor to parse {DAG_ID}")
 

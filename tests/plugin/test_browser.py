@@ -6,71 +6,35 @@ the Airflow UI; checks the table and the SVG charts render and that the `<script
 
 from __future__ import annotations
 
-import os
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pytest
-from upsample_fixtures import HOSTILE_PROMPT, ROOT, chromium_paths
+from upsample_fixtures import HOSTILE_PROMPT, chromium_paths
+
+from tests.browser import chromium, sign_in, wait_for
 
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(chromium_paths() is None, reason="needs Debian packages chromium and chromium-driver"),
 ]
 
-# The README's screenshot is refreshed only when asked (COSMOS_UPSAMPLE_SCREENSHOT=1): tests never rewrite tracked
-# files.
-README_SCREENSHOT = ROOT / "docs" / "run-detail.png"
+# The README's screenshots come from a real run of the DAG (tests/deploy/test_review_browser.py), not from the
+# stand-in reports of this tier.
 PREFIX = "/upsample-reports"
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    binary, driver_path = chromium_paths()  # type: ignore[misc]
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1440,2000"):
-        options.add_argument(argument)
-    # An explicit driver path keeps Selenium Manager from trying to download one.
-    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
-    driver.set_page_load_timeout(60)
-    try:
+    with chromium() as driver:
         yield driver
-    finally:
-        driver.quit()
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = condition()
-            if value:
-                return value
-        except Exception as exc:  # elements come and go while React renders
-            last_error = exc
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}: {last_error}")
 
 
 @pytest.fixture(scope="module")
 def signed_in(browser: Any, api_server: Any) -> Any:
-    from selenium.webdriver.common.by import By
-
-    browser.get(f"{api_server.url}/")
-    username = wait_for(lambda: browser.find_element(By.CSS_SELECTOR, "input[name=username]"), what="login form")
-    username.send_keys(api_server.username)
-    browser.find_element(By.CSS_SELECTOR, "input[name=password]").send_keys(api_server.password)
-    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    wait_for(lambda: browser.get_cookie("_token"), what="the _token cookie after signing in")
-    return browser
+    return sign_in(browser, api_server.url, api_server.username, api_server.password)
 
 
 def pwned(browser: Any) -> Any:
@@ -115,7 +79,7 @@ def test_run_detail_renders_charts_table_and_never_runs_the_prompt(
 
     signed_in.refresh()
     wait_for(lambda: signed_in.find_elements(By.CSS_SELECTOR, "svg.chart.tokens rect.bar"), what="reloaded page")
-    screenshot = README_SCREENSHOT if os.environ.get("COSMOS_UPSAMPLE_SCREENSHOT") == "1" else tmp_path / "run.png"
+    screenshot = tmp_path / "run.png"
     signed_in.save_screenshot(str(screenshot))
     assert screenshot.stat().st_size > 10_000
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 # One line per model answer the worker prints, e.g. "worker | [2/5] spec_1: ok, ETA 3s".
 MODEL_CALL_LINE = re.compile(r"worker \| \[\d+/\d+\] ")
-FINAL_STATUSES = {"upsampled", "cached", "invalid", "failed", "planned"}
+FINAL_STATUSES = {"upsampled", "cached", "invalid", "failed", "planned", "flagged"}
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
@@ -75,17 +75,21 @@ def assert_invariants(
     assert report["counts"]["discovered"] == len(report["items"])
     for status in ("upsampled", "cached", "invalid", "failed"):
         assert report["counts"][status] == by_status[status], status
+    assert report["counts"].get("flagged", 0) == by_status["flagged"]
     for item in report["items"]:
-        if item["status"] in ("invalid", "failed"):
+        if item["status"] in ("invalid", "failed", "flagged"):
             assert item["reason"], f"{item['source_path']} is {item['status']} without a reason"
 
     entries = ledger_entries(output_dir)
-    ok_per_key = Counter(entry["key"] for entry in entries if entry["status"] == "ok")
-    assert not ok_per_key or max(ok_per_key.values()) == 1, f"answers paid twice: {ok_per_key.most_common(3)}"
+    # Each attempt of an item is asked once (a re-ask of a flagged answer is a new attempt), and an item passes once.
+    ok_per_attempt = Counter((entry["key"], entry.get("attempt", 1)) for entry in entries if entry["status"] == "ok")
+    assert not ok_per_attempt or max(ok_per_attempt.values()) == 1, f"paid twice: {ok_per_attempt.most_common(3)}"
+    passed = Counter(entry["key"] for entry in entries if entry.get("verdict") == "pass")
+    assert not passed or max(passed.values()) == 1, f"answers passed twice: {passed.most_common(3)}"
     if outputs is not None:
         assert model_calls(*outputs) == len(entries), "model calls and ledger lines differ"
 
-    for folder in ("specs", "reports"):
+    for folder in ("specs", "reports", "review"):
         for path in (output_dir / folder).glob("*"):
             assert not path.name.startswith("."), f"half-written file left behind: {path}"
             if path.suffix == ".json" and path.is_file():

@@ -7,6 +7,7 @@ task inside its own process, so "the task's process" below is that process.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from include.cosmos_upsample import stages
+from include.cosmos_upsample.runners import worker_environment
 from include.cosmos_upsample.settings import DAG_ID
 from tests.conftest import ROOT
 from tests.helpers import latest_report, make_video, run_dag, write_spec
@@ -108,8 +110,8 @@ def live_runs(airflow_home):
     """Starts `airflow dags test` runs; whatever a failed test leaves running is killed, its output shown."""
     runs: list[LiveRun] = []
 
-    def start(run_conf: dict) -> LiveRun:
-        runs.append(LiveRun(airflow_home, run_conf))
+    def start(run_conf: dict, extra_env: dict[str, str] | None = None) -> LiveRun:
+        runs.append(LiveRun({**airflow_home, **(extra_env or {})}, run_conf))
         return runs[-1]
 
     yield start
@@ -182,6 +184,61 @@ def test_killed_task_resumes_and_a_stray_worker_cannot_race(live_runs, tmp_path)
                       outputs=(first.output, second.output, third.output))
     entries = ledger_entries(out)
     assert len(entries) == 5 and len({entry["worker_run"] for entry in entries}) == 3
+
+
+@pytest.mark.e2e
+def test_a_stalled_worker_is_stopped_by_the_watchdog_and_the_retry_finishes(live_runs, tmp_path):
+    """A worker that holds its GPU and stops answering (frozen with SIGSTOP after its first answer) keeps its task
+    and GPU slot forever without the watchdog: here it is killed after stall_timeout_seconds, the try fails, and the
+    retry answers only what is left."""
+    folder, out = small_input(tmp_path / "in", 3), tmp_path / "out"
+    before, outside = tree_digest(folder), tree_listing(tmp_path, out)
+    # The bound must exceed a model load plus one answer on this shared machine (up to ~15 s seen); a frozen worker
+    # never answers, whatever the bound.
+    run = live_runs(conf(folder, out, max_output_tokens=16), {"COSMOS_UPSAMPLE_STALL_TIMEOUT_SECONDS": "45"})
+    frozen = stop_worker_mid_job(run, out, 0)
+    try:
+        output = run.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the run hung with its frozen worker:\n{run.tail()}")
+    assert "state=success" in output, run.tail()
+    assert "no new answer for 45 s while its worker held the GPU (stall_timeout_seconds)" in output
+    assert f"worker pid {frozen} was stopped" in output
+    assert not Path(f"/proc/{frozen}").exists() or "zombie" in Path(f"/proc/{frozen}/status").read_text().lower()
+    report = latest_report(out)
+    assert report["counts"]["upsampled"] == 3
+    assert_invariants(folder, out, before, report, outside=(tmp_path, outside), outputs=(output,))
+    entries = ledger_entries(out)
+    assert len(entries) == 3 and len({entry["worker_run"] for entry in entries}) == 2
+
+
+@pytest.mark.e2e
+def test_an_upsample_try_past_its_timeout_is_stopped_and_its_items_say_so(live_runs, tmp_path):
+    """A worker that hangs before it takes the GPU (here an interpreter that never starts the program) is outside the
+    watchdog; the upsample task's execution_timeout (COSMOS_UPSAMPLE_UPSAMPLE_TIMEOUT_SECONDS) stops each try, and
+    after the last one every item says so."""
+    folder, out = small_input(tmp_path / "in", 2), tmp_path / "out"
+    hangs, started = tmp_path / "hanging-python", tmp_path / "hung-pids"
+    hangs.write_text(f"#!/bin/sh\necho $$ >> '{started}'\nexec sleep 3600\n")
+    hangs.chmod(0o755)
+    run = live_runs(conf(folder, out, **TOLERANT), {"COSMOS_UPSAMPLE_WORKER_PYTHON": str(hangs),
+                                                   "COSMOS_UPSAMPLE_UPSAMPLE_TIMEOUT_SECONDS": "4"})
+    try:
+        output = run.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the upsample task never timed out:\n{run.tail()}")
+    finally:
+        pids = [int(pid) for pid in started.read_text().split()] if started.exists() else []
+        alive = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+        for pid in alive:
+            os.kill(pid, signal.SIGKILL)
+    assert len(pids) == 4 and not alive, (pids, alive)  # one hung worker per try, each killed with its try
+    report = latest_report(out)
+    assert report["counts"]["failed"] == 2, report["items"]
+    for item in report["items"]:
+        assert "did not finish (try 4, upsample): timed out after 4 s (COSMOS_UPSAMPLE_UPSAMPLE_TIMEOUT_SECONDS)" \
+            in item["reason"], item["reason"]
+    assert output.count("Task timed out") >= 1 or "AirflowTaskTimeout" in output, run.tail()
 
 
 class Mounts:
@@ -347,7 +404,65 @@ def test_a_second_worker_on_a_held_job_exits_75_and_pays_nothing(tmp_path):
     with (job_dir / ".lock").open("w") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the first worker, still running
         second = subprocess.run([sys.executable, str(WORKER), "--job-dir", str(job_dir)], capture_output=True,
-                                text=True, timeout=60)
+                                text=True, timeout=60, env=worker_environment())  # as the runner starts it
     assert second.returncode == 75
     assert "held by another worker" in second.stderr
     assert not (job_dir / "ledger.jsonl").exists()
+
+
+def pids_reading(path: Path) -> list[int]:
+    """Processes whose command line names `path`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if str(path).encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_a_hung_decode_makes_its_spec_invalid_not_the_chunk(tmp_path):
+    """The first ffprobe/ffmpeg that reads one spec's video is frozen (SIGSTOP), as a decode on a stalled mount or of
+    a pathological file hangs: that spec is invalid once ffmpeg_timeout_seconds pass, and the chunk's others go on."""
+    from include.cosmos_upsample import validate
+    from include.cosmos_upsample.layout import OutputLayout
+    from include.cosmos_upsample.settings import Settings
+
+    folder = small_input(tmp_path / "in", 2)
+    stalls = make_video(folder / "stalls.mp4", 1920, 1080, seconds=2)
+    write_spec(folder, "stalls", input_video_path="stalls.mp4")
+    settings = Settings(input_dir=str(folder), output_dir=str(tmp_path / "out"), ffmpeg_timeout_seconds=10)
+    entries = [{"source_path": str(folder / f"{stem}.json"), "key": stem} for stem in ("spec_0", "stalls", "spec_1")]
+    frozen: list[int] = []
+    finished = threading.Event()
+
+    def freeze() -> None:
+        while not finished.is_set() and not frozen:
+            for pid in pids_reading(stalls):
+                os.kill(pid, signal.SIGSTOP)
+                frozen.append(pid)
+                break
+            time.sleep(0.002)
+
+    items: list = []
+    validation = threading.Thread(target=lambda: items.extend(
+        validate.validate_entries(entries, settings, OutputLayout.at(settings.output_dir))), daemon=True)
+    threading.Thread(target=freeze, daemon=True).start()
+    validation.start()
+    validation.join(180)
+    finished.set()
+    try:
+        assert frozen, "no ffprobe/ffmpeg of stalls.mp4 was caught to freeze"
+        assert not validation.is_alive(), "validation hung with the frozen decode"
+    finally:
+        for pid in frozen:  # only needed when the bound did not work (it kills what it stopped)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    by_stem = {Path(item.source_path).stem: item for item in items}
+    assert by_stem["stalls"].status == "invalid", by_stem["stalls"]
+    assert by_stem["stalls"].reason.startswith("stalls.json: ") and "did not finish within 10 s" in \
+        by_stem["stalls"].reason
+    assert by_stem["spec_0"].status == by_stem["spec_1"].status == "valid"
+    assert not pids_reading(stalls)

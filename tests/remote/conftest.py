@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,8 @@ from include.cosmos_upsample.settings import local_model_path
 from tests.conftest import ROOT
 
 CONN_ID = "cosmos_testbed_gpu"
-WORKER_IMAGE = "cosmos-upsampler:cpu"
+# Overridable, so two checkouts sharing one test bed build and run their own worker images.
+WORKER_IMAGE = os.environ.get("COSMOS_TEST_WORKER_IMAGE", "cosmos-upsampler:cpu")
 
 
 @pytest.fixture(scope="session")
@@ -50,11 +54,41 @@ def docker_conf(input_dir, output_dir, conn_ids=(CONN_ID,), **extra) -> dict:
             "gpu_conn_ids": list(conn_ids), **extra}
 
 
+def host_work_dir(env: dict[str, str]) -> Path:
+    """The test bed folder of this checkout's jobs and slot locks (overridable, so checkouts sharing one test bed
+    never see each other's jobs)."""
+    return Path(os.environ.get("COSMOS_TEST_HOST_WORK_DIR", f"{env['COSMOS_TESTBED_DIR']}/jobs"))
+
+
 def deployment_env(env: dict[str, str], **connections: str) -> dict[str, str]:
     """What a deployment sets once (here as environment): the image, the host folders and the connections."""
     return {
         "COSMOS_UPSAMPLE_WORKER_IMAGE": WORKER_IMAGE,
         "COSMOS_UPSAMPLE_HOST_MODEL_DIR": f"{env['COSMOS_TESTBED_DIR']}/models",
-        "COSMOS_UPSAMPLE_HOST_WORK_DIR": f"{env['COSMOS_TESTBED_DIR']}/jobs",
+        "COSMOS_UPSAMPLE_HOST_WORK_DIR": str(host_work_dir(env)),
         **{f"AIRFLOW_CONN_{conn_id.upper()}": value for conn_id, value in connections.items()},
     }
+
+
+async def first_event(trigger, within: float | None = None):
+    """What a triggerer does with a trigger: run it until its first event; `within`: cancel it after that long, as a
+    triggerer that dies or is stopped does (None comes back)."""
+    events = trigger.run()
+    try:
+        return await asyncio.wait_for(anext(events), within)
+    except TimeoutError:
+        return None
+    finally:
+        await events.aclose()
+
+
+def run_docker_job(settings, job_info: dict) -> dict:
+    """One upsample try of runner `docker` in this process, as `airflow dags test` runs it: start (or adopt) the
+    container, follow it with the real trigger run in line, then finish (fetch the ledger, remove, raise)."""
+    from include.cosmos_upsample.docker_trigger import DockerJobTrigger
+    from include.cosmos_upsample.remote import finish_docker_job, start_docker_job, trigger_kwargs
+
+    started_at = time.time()
+    container_id = start_docker_job(settings, job_info)
+    trigger = DockerJobTrigger(**trigger_kwargs(settings, job_info, container_id, started_at))
+    return finish_docker_job(settings, job_info, asyncio.run(first_event(trigger)).payload)

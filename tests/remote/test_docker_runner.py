@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -19,7 +20,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from include.cosmos_upsample.remote import RemoteJob, open_verified, ssh_hook, stage_job
 from tests.helpers import latest_report, make_video, run_dag, write_spec
-from tests.remote.conftest import CONN_ID, deployment_env, docker_conf, ssh_connection
+from tests.remote.conftest import CONN_ID, deployment_env, docker_conf, host_work_dir, ssh_connection
 from tests.remote.proxy import CuttingProxy
 
 pytestmark = pytest.mark.remote
@@ -51,35 +52,45 @@ def test_jobs_run_in_the_worker_container_on_the_gpu_host(airflow_home, testbed,
     for spec_id in ("remote_0", "remote_1", "remote_2"):
         assert json.loads((out / "specs" / f"{spec_id}.json").read_text())["is_upsampled"] is True
     # On the host: the job folder with the staged manifest and the ledger; the frames are named by content.
-    host_jobs = Path(testbed["COSMOS_TESTBED_DIR"]) / "jobs"
+    host_jobs = host_work_dir(testbed)
     for job in {path.parent.name for path in (out / "jobs").glob("*/manifest.json")}:
         manifest = json.loads((host_jobs / job / "manifest.json").read_text())
         assert manifest["model"].startswith("/models/")
         assert (host_jobs / job / "ledger.jsonl").exists()
 
 
-def kill_container_after_first_answer(testbed: dict[str, str], host_jobs: Path, stop: threading.Event) -> list[str]:
-    """Watch the host's ledgers; at the first answer, `podman kill` the running worker container (once)."""
-    killed: list[str] = []
+def podman(testbed: dict[str, str], *args: str) -> str:
     podman_env = {**os.environ, **{k: testbed[k] for k in ("CONTAINERS_CONF", "CONTAINERS_STORAGE_CONF")}}
+    return subprocess.run(["podman", *args], env=podman_env, capture_output=True, text=True).stdout
+
+
+def at_first_answer(testbed: dict[str, str], host_jobs: Path, stop: threading.Event, act) -> list[str]:
+    """Watch this checkout's host ledgers; at the first answer, `act(container_id)` on that job's running worker
+    container (once). Returns the containers acted on."""
+    done: list[str] = []
 
     def watch() -> None:
-        while not stop.is_set() and not killed:
-            if any(ledger.stat().st_size for ledger in host_jobs.glob("*/ledger.jsonl")):
-                names = subprocess.run(["podman", "ps", "--filter", "name=cosmos-upsample-", "--format",
-                                        "{{.Names}}"], env=podman_env, capture_output=True, text=True).stdout.split()
-                for name in names:
-                    subprocess.run(["podman", "kill", name], env=podman_env, capture_output=True)
-                    killed.append(name)
+        while not stop.is_set() and not done:
+            for ledger in host_jobs.glob("*/ledger.jsonl"):
+                if ledger.stat().st_size:
+                    label = f"label=cosmos-upsample.job={ledger.parent.name}"
+                    for container in podman(testbed, "ps", "--filter", label, "--format", "{{.ID}}").split():
+                        act(container)
+                        done.append(container)
             time.sleep(0.05)
 
     threading.Thread(target=watch, daemon=True).start()
-    return killed
+    return done
+
+
+def kill_container_after_first_answer(testbed: dict[str, str], host_jobs: Path, stop: threading.Event) -> list[str]:
+    """At the first answer, `podman kill` the running worker container (once)."""
+    return at_first_answer(testbed, host_jobs, stop, lambda container: podman(testbed, "kill", container))
 
 
 def test_container_killed_mid_job_resumes_without_paying_twice(airflow_home, testbed, tmp_path):
     folder, out = spec_folder(tmp_path, 4), tmp_path / "out"
-    host_jobs = Path(testbed["COSMOS_TESTBED_DIR"]) / "jobs"
+    host_jobs = host_work_dir(testbed)
     stop = threading.Event()
     for stale in host_jobs.glob("*/ledger.jsonl"):
         stale.unlink()  # earlier tests' ledgers would trigger the watcher at once
@@ -97,6 +108,31 @@ def test_container_killed_mid_job_resumes_without_paying_twice(airflow_home, tes
     assert len({call["worker_run"] for call in calls}) == 2
 
 
+def test_a_stalled_container_is_stopped_by_the_watchdog_and_the_retry_finishes(airflow_home, testbed, tmp_path):
+    """The worker in its container holds the GPU and stops answering (its process frozen with SIGSTOP from the host
+    after its first answer): after stall_timeout_seconds without a new ledger line the task stops the container and
+    fails the try; the retry's container answers only the rest."""
+    folder, out = spec_folder(tmp_path, 4), tmp_path / "out"
+    stop = threading.Event()
+    frozen = at_first_answer(testbed, host_work_dir(testbed), stop, lambda container: os.kill(
+        int(podman(testbed, "inspect", "--format", "{{.State.Pid}}", container)), signal.SIGSTOP))
+    env = {**deployment_env(testbed, **{CONN_ID: ssh_connection(testbed)}), "COSMOS_UPSAMPLE_LEDGER_SYNC_SECONDS": "1",
+           "COSMOS_UPSAMPLE_STALL_TIMEOUT_SECONDS": "45"}  # above a model load plus one answer here
+    try:
+        result = run_dag(airflow_home, docker_conf(folder, out, max_output_tokens=16), extra_env=env)
+    finally:
+        stop.set()
+    assert len(frozen) == 1, frozen
+    log = result.stdout + result.stderr
+    assert "no new answer for 45 s while its worker held the GPU (stall_timeout_seconds)" in log
+    assert f"its container {frozen[0][:12]} on {CONN_ID} was stopped" in log
+    assert latest_report(out)["counts"]["upsampled"] == 4
+    calls = ledger_calls(out)
+    assert sorted(call["spec_id"] for call in calls) == [f"remote_{index}" for index in range(4)]
+    assert len({call["worker_run"] for call in calls}) == 2
+    assert not podman(testbed, "ps", "-a", "--filter", f"id={frozen[0]}", "--format", "{{.ID}}").strip()
+
+
 def test_ssh_dropped_mid_sftp_then_the_retry_sends_only_what_is_missing(testbed, tmp_path, monkeypatch):
     """Staging as the `upsample` task does it, over a link that drops inside the frame upload."""
     frames = []
@@ -108,7 +144,7 @@ def test_ssh_dropped_mid_sftp_then_the_retry_sends_only_what_is_missing(testbed,
                 "max_output_tokens": 300, "sampling": {},
                 "items": [{"key": f"k{i}", "spec_id": f"s{i}", "text": "t", "frames": frames[2 * i:2 * i + 2]}
                           for i in range(2)]}
-    job = RemoteJob(CONN_ID, f"sftpdrop-{uuid.uuid4().hex[:12]}", PurePosixPath(testbed["COSMOS_TESTBED_DIR"]) / "jobs",
+    job = RemoteJob(CONN_ID, f"sftpdrop-{uuid.uuid4().hex[:12]}", PurePosixPath(host_work_dir(testbed)),
                     PurePosixPath("/models"))
     with CuttingProxy(int(testbed["COSMOS_TESTBED_SSH_PORT"]), cut_after=250_000) as proxy:
         monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", ssh_connection(testbed, port=proxy.port))

@@ -20,10 +20,16 @@ import pytest
 
 from include.cosmos_upsample.jobformat import Job, JobItem, Ledger
 from include.cosmos_upsample.layout import RunFolder
-from include.cosmos_upsample.remote import run_docker_job
 from include.cosmos_upsample.settings import Settings
 from tests.helpers import latest_report, make_video, write_spec
-from tests.remote.conftest import CONN_ID, WORKER_IMAGE, deployment_env, docker_conf, ssh_connection
+from tests.remote.conftest import (
+    CONN_ID,
+    WORKER_IMAGE,
+    deployment_env,
+    docker_conf,
+    run_docker_job,
+    ssh_connection,
+)
 
 pytestmark = pytest.mark.remote
 
@@ -61,7 +67,8 @@ def test_two_slots_run_two_jobs_at_once_and_a_third_waits(testbed, tmp_path, mon
     monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", ssh_connection(testbed, gpus=[0, 1]))
     settings = Settings(runner="docker", gpu_conn_ids=[CONN_ID], worker_image=WORKER_IMAGE,
                         host_model_dir=f"{testbed['COSMOS_TESTBED_DIR']}/models",
-                        host_work_dir=f"{testbed['COSMOS_TESTBED_DIR']}/jobs", ledger_sync_seconds=0.5, **FAST)
+                        host_work_dir=deployment_env(testbed)["COSMOS_UPSAMPLE_HOST_WORK_DIR"], ledger_sync_seconds=0.5,
+                        **FAST)
     run = os.urandom(4).hex()
     jobs = [{**local_job(tmp_path, f"slots-{run}-{n}", 3), "slot": slot} for n, slot in enumerate((0, 1, 0))]
     results: dict[int, dict] = {}
@@ -69,11 +76,12 @@ def test_two_slots_run_two_jobs_at_once_and_a_third_waits(testbed, tmp_path, mon
 
     def run_job(index: int) -> None:
         try:
-            results[index] = run_docker_job(settings, jobs[index], {})
+            results[index] = run_docker_job(settings, jobs[index])
         except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
             errors.append(exc)
 
-    runner_log, collected = logging.getLogger("include.cosmos_upsample.remote"), Collect()
+    # The runner (starting) and its trigger (following: the "worker |" lines and ledger copies) log under the package.
+    runner_log, collected = logging.getLogger("include.cosmos_upsample"), Collect()
     runner_log.addHandler(collected)
     runner_log.setLevel(logging.INFO)
     threads = [threading.Thread(target=run_job, args=(index,)) for index in range(2)]
@@ -142,7 +150,7 @@ def test_container_outliving_its_killed_task_is_adopted_not_doubled(airflow_home
            "COSMOS_UPSAMPLE_LEDGER_SYNC_SECONDS": "0.5"}
     conf = docker_conf(folder, out, batch_max_items=4, **FAST)
     # Another job holds the only slot, so the container waits for the GPU, alive, across the kill and the re-run.
-    slot_lock = Path(testbed["COSMOS_TESTBED_DIR"]) / "jobs" / ".gpu-0.lock"
+    slot_lock = Path(env["COSMOS_UPSAMPLE_HOST_WORK_DIR"]) / ".gpu-0.lock"
     slot_lock.parent.mkdir(parents=True, exist_ok=True)
     with slot_lock.open("a") as holder:
         fcntl.flock(holder, fcntl.LOCK_EX)
@@ -157,11 +165,18 @@ def test_container_outliving_its_killed_task_is_adopted_not_doubled(airflow_home
             first.wait()
         (container,) = host_containers(testbed, job_key, running=True)
         second = airflow_dags_test(conf, env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        runs = out / "runs"
-        wait_for(lambda: len(list(runs.glob("*/plans/*.json"))) == 2 or second.poll() is not None, 240,
-                 "the re-run's batch")
-        time.sleep(3)  # the re-run's upsample task finds the container
-    log, _ = second.communicate(timeout=300)  # the slot is free now: the adopted container answers
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: [lines.append(line) for line in second.stdout], daemon=True)
+        reader.start()
+        # The slot stays held until the re-run's upsample task has found the container (its log says so), so the
+        # container cannot finish before it is adopted.
+        adopted = "adopting it, not starting another"
+        wait_for(lambda: any(adopted in line for line in lines) or second.poll() is not None, 240,
+                 "the re-run to adopt the container")
+    second.wait(timeout=300)  # the slot is free now: the adopted container answers
+    reader.join(30)
+    log = "".join(lines)
+    runs = out / "runs"
     assert latest_report(out)["counts"]["upsampled"] == 4, log[-5000:]
     rerun = RunFolder.at(max(runs.glob("*/plans"), key=lambda path: path.stat().st_mtime).parent)
     # The re-run kept the running job whole (same key, all four items) instead of re-planning its items...
@@ -173,3 +188,20 @@ def test_container_outliving_its_killed_task_is_adopted_not_doubled(airflow_home
     assert len({entry["worker_run"] for entry in entries}) == 1
     assert host_container_of(log) == container[:12]
     assert not host_containers(testbed, job_key)  # the adopting task removed it when it ended
+
+
+def test_gpus_that_cannot_be_listed_stop_the_job_and_never_widen_it(testbed, tmp_path, monkeypatch):
+    """The test bed has no nvidia-smi, so a host declared `"gpus": "auto"` cannot be asked. A job planned on GPU 1
+    must not fall back to "every GPU" under the host-wide lock while other jobs hold their GPUs' own locks (two jobs
+    on one GPU): the try fails (retried) and nothing is started."""
+    from include.cosmos_upsample.remote import GpuDiscoveryFailed
+
+    monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", ssh_connection(testbed, gpus="auto"))
+    host_work_dir = deployment_env(testbed)["COSMOS_UPSAMPLE_HOST_WORK_DIR"]
+    settings = Settings(runner="docker", gpu_conn_ids=[CONN_ID], worker_image=WORKER_IMAGE, host_work_dir=host_work_dir,
+                        host_model_dir=f"{testbed['COSMOS_TESTBED_DIR']}/models", ledger_sync_seconds=0.5, **FAST)
+    job = {**local_job(tmp_path, f"auto-{os.urandom(4).hex()}", 1), "slot": 1, "devices": ["1"]}
+    with pytest.raises(GpuDiscoveryFailed, match=f"GPU host {CONN_ID}: could not list its GPUs with nvidia-smi"):
+        run_docker_job(settings, job)
+    assert not host_containers(testbed, job["job_key"])
+    assert not Ledger.of(Path(job["job_dir"])).entries()

@@ -113,7 +113,8 @@ class TestS3Run:
         keys = sorted(key.split("/out/", 1)[1] for key in out.fs.find(out.path))
         run_ids = {runs["first"]["run_id"], runs["second"]["run_id"]}
         assert [key for key in keys if key.startswith("specs/")] == [f"specs/{stem}.json" for stem in sorted(GOOD)]
-        assert len([key for key in keys if key.startswith("reports/")]) == 2 * len(run_ids)
+        assert len([key for key in keys if key.startswith("reports/")]) == 3 * len(run_ids)  # json, html, summary
+        assert {f"reports/summaries/{safe_name(run_id)}.json" for run_id in run_ids} <= set(keys)
         assert all(key.startswith(("specs/", "reports/")) for key in keys), keys  # no scratch, no temp objects
         for stem in GOOD:
             item = _items(runs["first"])[stem]
@@ -186,6 +187,16 @@ class TestPluginShowsReportsFromTheBucket:
         assert page.status_code == 200 and "missing_object.json" in page.text
         spec = client.get(f"/upsample-reports/runs/{run_id}/items/nested_a")
         assert spec.status_code == 200 and spec.json()["is_upsampled"] is True
+
+    def test_the_run_list_shows_the_runs_from_their_summaries_in_the_bucket(self, app, runs, admin_token):  # noqa: F811
+        from fastapi.testclient import TestClient
+
+        client = TestClient(app)
+        client.cookies.set("_token", admin_token)
+        listed = {run["run_id"]: run for run in client.get("/upsample-reports/api/runs").json()["runs"]}
+        first = listed[runs["first"]["run_id"]]
+        assert first["has_report"] and first["counts"] == runs["first"]["counts"]
+        assert listed[runs["second"]["run_id"]]["counts"]["cached"] == 3
 
     def test_signed_out_is_refused(self, app, runs, auth_manager):  # noqa: F811
         from fastapi.testclient import TestClient

@@ -86,7 +86,8 @@ class TestChunksAreTheJobs:
     def test_local_runner_chunks_follow_batch_max_items(self, tmp_path):
         pending = self.entries(5, 2)
         settings = Settings(input_dir=str(tmp_path), output_dir=str(tmp_path), batch_max_items=2)
-        chunks = stages.plan_chunks(pending, settings, OutputLayout.at(tmp_path))
+        chunks, held = stages.plan_chunks(pending, settings, OutputLayout.at(tmp_path))
+        assert held == []
         assert [len(chunk["entries"]) for chunk in chunks] == [3, 3, 1]  # 2+1, 2+1 unreadable riding along, 1
         assert sorted(e["source_path"] for c in chunks for e in c["entries"]) == sorted(
             e["source_path"] for e in pending)
@@ -95,18 +96,20 @@ class TestChunksAreTheJobs:
 
     def test_nothing_to_validate_is_still_one_chunk(self, tmp_path):
         settings = Settings(input_dir=str(tmp_path), output_dir=str(tmp_path))
-        assert stages.plan_chunks([], settings, OutputLayout.at(tmp_path)) == [
-            {"conn_id": None, "slot": None, "engine": {}, "job_key": None, "entries": []}]
+        assert stages.plan_chunks([], settings, OutputLayout.at(tmp_path)) == ([
+            {"conn_id": None, "slot": None, "devices": None, "engine": {}, "job_key": None, "entries": []}], [])
 
     def test_slots_and_a_running_job_shape_the_chunks(self, tmp_path, monkeypatch):
         hosts = [HostGpus("gpu_a", ("0", "1", "2", "3"), 2)]
         live = JobPlan("running-job", "gpu_a", ("k0", "k1"), 0)
-        monkeypatch.setattr(stages, "_gpu_hosts_and_live_jobs", lambda *_args: (hosts, [live]))
+        monkeypatch.setattr(stages, "_gpu_hosts_and_live_jobs", lambda *_args: (hosts, [live], {}))
         settings = Settings(input_dir=str(tmp_path), output_dir=str(tmp_path), backend="vllm", runner="docker",
                             gpu_conn_ids=["gpu_a"])
-        chunks = stages.plan_chunks(self.entries(6, 0), settings, OutputLayout.at(tmp_path))
+        chunks, _ = stages.plan_chunks(self.entries(6, 0), settings, OutputLayout.at(tmp_path))
         # The running job keeps its key, items and slot; the rest fills the other slot; 2 GPUs each -> TP 2.
         assert [(c["conn_id"], c["slot"], c["job_key"]) for c in chunks] == [
             ("gpu_a", 0, "running-job"), ("gpu_a", 1, None)]
         assert [[e["key"] for e in c["entries"]] for c in chunks] == [["k0", "k1"], ["k2", "k3", "k4", "k5"]]
         assert [c["engine"] for c in chunks] == [{"tensor_parallel_size": 2}] * 2
+        # Each chunk records its slot's devices: its job runs on exactly these, never on a wider guess.
+        assert [c["devices"] for c in chunks] == [["0", "1"], ["2", "3"]]

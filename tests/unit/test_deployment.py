@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import datetime as dt
 import json
 import subprocess
 import sys
@@ -7,8 +8,11 @@ import sys
 import pytest
 
 from include.cosmos_upsample.deployment import (
+    STAGE_TIMEOUT_SECONDS,
     UPSAMPLE_QUEUE_ENV,
     VALIDATE_CONCURRENCY_ENV,
+    task_timeout,
+    timeout_env,
     upsample_task_options,
     validate_task_options,
 )
@@ -20,7 +24,7 @@ def parsed_task_attribute(name: str, env: dict[str, str]) -> dict:
     settings are read at parse time, as by the dag-processor)."""
     code = ("import json, sys; from airflow.models.dagbag import DagBag;"
             "dag = DagBag(dag_folder='dags').dags['cosmos_prompt_upsample'];"
-            "print(json.dumps({t.task_id: getattr(t, sys.argv[1]) for t in dag.tasks}))")
+            "print(json.dumps({t.task_id: getattr(t, sys.argv[1]) for t in dag.tasks}, default=str))")
     out = subprocess.run([sys.executable, "-c", code, name], env=env, cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -65,3 +69,28 @@ class TestRetryDelay:
         shortened = default_args({RETRY_DELAY_ENV: "0.5"})
         assert shortened["retry_delay"].total_seconds() == 0.5
         assert shortened["retries"] == 3 and shortened["retry_exponential_backoff"] is True
+
+
+class TestTaskTimeouts:
+    """Every try is bounded: a hung task gives its worker slot (and GPU pool slot) back and is retried."""
+
+    def test_every_task_has_a_default_bound(self):
+        assert set(STAGE_TIMEOUT_SECONDS) == {"discover", "validate", "batch", "upsample", "upsample_endpoint",
+                                              "review_requests", "merge_metadata", "report", "prune_scratch"}
+        assert task_timeout("upsample", {})["execution_timeout"].total_seconds() == 6 * 3600
+        assert timeout_env("merge_metadata") == "COSMOS_UPSAMPLE_MERGE_METADATA_TIMEOUT_SECONDS"
+        assert task_timeout("validate", {timeout_env("validate"): " 90 "})["execution_timeout"].total_seconds() == 90
+
+    @pytest.mark.parametrize("value", ["0", "-5", "soon", "inf", "nan"])
+    def test_a_bound_that_is_not_a_positive_number_names_the_variable(self, value):
+        with pytest.raises(ValueError, match="COSMOS_UPSAMPLE_BATCH_TIMEOUT_SECONDS"):
+            task_timeout("batch", {timeout_env("batch"): value})
+
+    def test_the_parsed_dag_bounds_every_task(self, airflow_home):
+        bounds = parsed_task_attribute("execution_timeout", {**airflow_home, timeout_env("upsample"): "7"})
+        assert bounds.pop("upsample") == "0:00:07"
+        # The review task waits for a person, bounded per request by its response_timeout (review_timeout_seconds,
+        # tests/unit/test_review_step.py); an execution_timeout would race HITLOperator's defer (its own docstring).
+        assert bounds.pop("review") is None
+        assert bounds == {task_id: str(dt.timedelta(seconds=seconds)) for task_id, seconds in
+                          STAGE_TIMEOUT_SECONDS.items() if task_id != "upsample"}

@@ -15,6 +15,7 @@ from include.cosmos_upsample.gpu_slots import (
     host_gpus,
     parse_nvidia_smi,
     placement,
+    planned_slot,
     pool_size,
     wants_discovery,
 )
@@ -128,10 +129,37 @@ class TestChooseSlot:
     SLOTS = [GpuSlot("a", index, (str(index),)) for index in range(4)]
 
     def test_planned_slot_when_free(self):
-        assert choose_slot(self.SLOTS, {".gpu-0.lock"}, 2).index == 2
+        assert choose_slot(self.SLOTS, {".gpu-0.lock"}, self.SLOTS[2]).index == 2
 
     def test_first_free_slot_when_the_planned_one_is_busy(self):
-        assert choose_slot(self.SLOTS, {".gpu-0.lock", ".gpu-2.lock"}, 2).index == 1
+        assert choose_slot(self.SLOTS, {".gpu-0.lock", ".gpu-2.lock"}, self.SLOTS[2]).index == 1
 
     def test_planned_slot_when_all_are_busy_its_worker_waits(self):
-        assert choose_slot(self.SLOTS, {slot.lock_name for slot in self.SLOTS}, 5).index == 1
+        assert choose_slot(self.SLOTS, {slot.lock_name for slot in self.SLOTS}, self.SLOTS[1]).index == 1
+
+
+class TestPlannedSlot:
+    """A job runs on the devices recorded with its chunk at discover, never on a wider request."""
+
+    SLOTS = [GpuSlot("a", index, (str(index),)) for index in range(4)]
+
+    def test_the_recorded_devices_wherever_they_are_now(self):
+        assert planned_slot(self.SLOTS, "a", 0, ["2"]) is self.SLOTS[2]
+
+    def test_recorded_devices_no_longer_declared_stay_as_recorded(self):
+        slot = planned_slot(self.SLOTS, "a", 1, ["7"])
+        assert slot.device_ids == ("7",) and slot.lock_name == ".gpu-7.lock"
+
+    def test_a_job_planned_without_a_record_takes_its_index(self):
+        assert planned_slot(self.SLOTS, "a", 5, None) is self.SLOTS[1]
+
+    def test_auto_without_nvidia_smi_answer_is_an_error_not_every_gpu(self):
+        # Before: no answer meant "one slot with every GPU" and the host-wide lock, beside other jobs' GPU locks.
+        with pytest.raises(GpuDeclarationError, match="no nvidia-smi answer"):
+            host_gpus("g", {"gpus": "auto"})
+
+    def test_a_host_declared_without_gpus_gets_no_device_request(self):
+        (slot,) = host_gpus("testbed", {"gpus": "none"}).slots()
+        place = placement(slot, "vllm")
+        assert slot.cpu_only and place.device_ids is None and place.engine == {}
+        assert place.environment["COSMOS_UPSAMPLE_SLOT_GPUS"] == "none" and slot.lock_name == ".gpu.lock"

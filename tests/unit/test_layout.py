@@ -54,7 +54,7 @@ class TestStagesUseTheGivenRunFolder:
         validated = stages.validate_chunk(str(run_dir), str(elsewhere))
         assert validated == str(run.validated(run.chunk(0)))
         job = stages.batch(str(run_dir), str(elsewhere), validated)
-        assert job == {"job_key": None, "job_dir": None, "conn_id": None, "slot": None, "items": 0}
+        assert job == {"job_key": None, "job_dir": None, "conn_id": None, "slot": None, "devices": None, "items": 0}
         assert read_json(run.job_plan(run.chunk(0))) == {"job": job, "answered": {}}
         assert stages.upsample(str(run_dir), job, 0, {}) == {"job_key": None, "ran": False}
         assert stages.merge(str(run_dir), "manual__r1") == str(run.merged)

@@ -23,6 +23,34 @@ class TestReport:
         assert "key" not in report["items"][0] and "text" not in report["items"][0]
         assert report["stages"] == {"validate": 1.235}
 
+    def test_quality_over_the_judged_items_and_every_attempts_checks(self):
+        from include.cosmos_upsample.report_model import ItemQuality
+
+        passed = item("upsampled").model_copy(update={
+            "quality": ItemQuality(verdict="pass", attempts=2), "attempt_checks": ["truncated"]})
+        flagged = item("flagged").model_copy(update={
+            "quality": ItemQuality(verdict="flagged", failed_checks=["meta"], attempts=3),
+            "attempt_checks": ["meta", "meta", "truncated"]})
+        cached = item("cached").model_copy(update={"quality": ItemQuality(verdict="pass")})
+        report = build_report(run_id="r1", dag_id="d", started_at="t0", finished_at="t1",
+                              settings=resolve_settings({}), items=[passed, flagged, cached, item("invalid")],
+                              stages={}).to_json()
+        assert report["quality"] == {"passed": 1, "flagged": 1, "retried": 2,
+                                     "by_check": {"meta": 2, "truncated": 2}}
+        assert report["counts"]["flagged"] == 1 and report["state"] == "success"  # flagged never fails by default
+        assert report["items"][1]["quality"]["failed_checks"] == ["meta"]
+        assert "flagged" in render_html(build_report(
+            run_id="r1", dag_id="d", started_at="t0", finished_at="t1", settings=resolve_settings({}),
+            items=[flagged], stages={}))
+
+    def test_flagged_ratio_fails_the_run_only_when_set(self):
+        from include.cosmos_upsample.report import quota_exceeded
+
+        counts = {"discovered": 10, "failed": 0, "flagged": 3}
+        assert quota_exceeded(counts, resolve_settings({})) is None
+        assert "3 of 10 specs ended flagged" in quota_exceeded(counts, resolve_settings({"max_flagged_ratio": 0.2}))
+        assert quota_exceeded(counts, resolve_settings({"max_flagged_ratio": 0.3})) is None
+
     def test_failure_ratio(self):
         assert failure_exceeded({"discovered": 20, "failed": 2}, 0.05)
         assert not failure_exceeded({"discovered": 20, "failed": 1}, 0.05)

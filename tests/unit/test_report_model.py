@@ -14,7 +14,7 @@ from include.cosmos_upsample.settings import resolve_settings
 from tests.conftest import ROOT
 
 DESIGN_KEYS = {"run_id", "dag_id", "started_at", "finished_at", "params", "counts", "items", "stages"}
-EXTRA_KEYS = {"resolved", "tokens_equal", "state", "backend", "model", "dry_run"}
+EXTRA_KEYS = {"resolved", "tokens_equal", "quality", "state", "backend", "model", "dry_run", "trigger"}
 
 
 def item(status: str, engine: int | None = None) -> Item:
@@ -40,14 +40,19 @@ class TestRunReport:
         assert data["tokens_equal"] == {"equal": 2, "compared": 2}
         first = data["items"][0]
         assert {"spec_id", "source_path", "status", "reason", "tokens", "hint", "output_path"} <= set(first)
-        assert set(first["tokens"]) == {"prompt", "budget", "engine"}
+        assert set(first["tokens"]) == {"prompt", "budget", "engine", "counted_by"}
         assert set(first["hint"]) == {"width", "height", "frames", "source", "times"}
-        assert not {"key", "text", "frame_paths"} & set(first)
+        assert not {"key", "text", "frame_paths", "attempt_checks"} & set(first)
+        assert data["quality"] == {"passed": 0, "flagged": 0, "retried": 0, "by_check": {}}
         assert "<td>2</td>" in html_path.read_text()
 
     def test_dry_run_counts_planned_only_when_there_are_some(self):
         assert a_report("planned").to_json()["counts"]["planned"] == 1
         assert "planned" not in a_report("upsampled").to_json()["counts"]
+
+    def test_flagged_is_counted_only_when_there_are_some(self):
+        assert a_report("flagged", "upsampled").to_json()["counts"]["flagged"] == 1
+        assert "flagged" not in a_report("upsampled").to_json()["counts"]
 
     def test_reads_back_what_it_wrote(self):
         report = a_report("upsampled", "cached", "failed")
@@ -71,7 +76,7 @@ class TestRunReport:
     def test_statuses_are_stated_once(self):
         from include.cosmos_upsample.items import Status
 
-        assert FINAL_STATUSES == ("upsampled", "cached", "invalid", "failed", "planned")
+        assert FINAL_STATUSES == ("upsampled", "cached", "invalid", "failed", "planned", "flagged")
         assert Item.model_fields["status"].annotation == Status
 
 
@@ -86,3 +91,7 @@ class TestSchema:
         assert DESIGN_KEYS <= set(schema["required"])
         assert set(schema["properties"]) == DESIGN_KEYS | EXTRA_KEYS
         assert schema["$defs"]["ReportItem"]["properties"]["status"]["enum"] == list(FINAL_STATUSES)
+        assert set(schema["$defs"]["ItemQuality"]["properties"]) == {"verdict", "failed_checks", "attempts", "words",
+                                                                     "finish_reason", "cleaned"}
+        assert set(schema["$defs"]["RunQuality"]["properties"]) == {"passed", "flagged", "retried", "by_check"}
+        assert set(schema["$defs"]["Review"]["properties"]) == {"action", "by", "at"}

@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 import pytest
-from pydantic import ValidationError
 
+from include.cosmos_upsample.errors import NotRetryable, SettingsError
 from include.cosmos_upsample.settings import (
     DEFAULT_OUTPUT_DIR,
     SAMPLE_INPUT_DIR,
@@ -36,12 +36,29 @@ class TestResolveSettings:
         assert resolve_settings({"output_dir": "/from/param"}, variables.get, environ).output_dir == "/from/param"
 
     def test_bad_values_are_refused(self):
-        with pytest.raises(ValidationError, match="hint_resolution"):
+        with pytest.raises(SettingsError, match="hint_resolution"):
             resolve_settings({"hint_resolution": "huge"})
-        with pytest.raises(ValidationError):
+        with pytest.raises(SettingsError):
             resolve_settings({"runner": "ssh"})
-        with pytest.raises(ValidationError, match="needs gpu_conn_ids"):
+        with pytest.raises(SettingsError, match="needs gpu_conn_ids"):
             resolve_settings({"runner": "docker"})
+
+    def test_runner_endpoint_plans_for_a_served_vlm(self):
+        settings = resolve_settings({"runner": "endpoint"})
+        assert (settings.backend, settings.format.name, settings.endpoint_conn_id, settings.endpoint_concurrency) == (
+            "vllm", "cosmos_upsampler", "cosmos_upsample_endpoint", 16)
+        with pytest.raises(SettingsError, match="runner 'endpoint' sends frames to a vision-language model"):
+            resolve_settings({"runner": "endpoint", "backend": "llama_cpp"})
+
+    def test_a_bad_value_is_a_configuration_error_naming_where_it_came_from(self):
+        variables = {"cosmos_upsample_max_model_len": "lots"}
+        with pytest.raises(SettingsError) as caught:
+            resolve_settings({"num_frames": 0}, variables.get, {"COSMOS_UPSAMPLE_FORCE": "maybe"})
+        message = str(caught.value)
+        assert "max_model_len (from the Variable cosmos_upsample_max_model_len)" in message
+        assert "num_frames (from the num_frames Param)" in message
+        assert "force (from env COSMOS_UPSAMPLE_FORCE)" in message
+        assert isinstance(caught.value, NotRetryable)  # fails its task at once: a retry reads the same value
 
     def test_fingerprint_follows_what_changes_the_answer(self):
         base = resolve_settings({})
@@ -59,16 +76,18 @@ class TestParamsFromSettings:
     def test_every_run_setting_is_a_nullable_param_saying_what_empty_means(self):
         schemas = param_schemas()
         deployment_only = {"worker_image", "host_model_dir", "host_work_dir", "worker_python", "ledger_sync_seconds",
-                           "video_cache_gb"}
+                           "video_cache_gb", "retention_days", "stall_timeout_seconds", "ffmpeg_timeout_seconds",
+                           "endpoint_timeout_seconds", "endpoint_attempts", "blocklist_path",
+                           "review_timeout_seconds"}
         assert set(schemas) == set(Settings.model_fields) - deployment_only
         for name, schema in schemas.items():
             assert "null" in schema["type"] and schema["section"] and schema["title"], name
             assert f"Empty: Variable cosmos_upsample_{name}, else env COSMOS_UPSAMPLE_{name.upper()}" in \
                 schema["description"], name
-        assert schemas["runner"]["enum"] == ["local", "docker", None]
+        assert schemas["runner"]["enum"] == ["local", "docker", "endpoint", None]
         assert schemas["num_frames"]["minimum"] == 1 and schemas["num_frames"]["maximum"] == 16
         assert schemas["max_model_len"]["description"].endswith("else 4096.")
-        assert set(schemas["sampling"]["properties"]) == {"temperature", "top_p", "repetition_penalty", "seed"}
+        assert set(schemas["sampling"]["properties"]) == {"temperature", "top_p", "repetition_penalty", "seed", "top_k"}
 
     def test_a_value_the_form_accepts_is_accepted_by_the_settings(self):
         import jsonschema
@@ -103,5 +122,5 @@ class TestPromptFormatDefaults:
         assert settings.fingerprint() != resolve_settings({"backend": "vllm"}).fingerprint()
 
     def test_spec_pattern_may_not_leave_the_input_folder(self):
-        with pytest.raises(ValidationError, match="may not contain"):
+        with pytest.raises(SettingsError, match="may not contain"):
             resolve_settings({"spec_pattern": "../*.json"})

@@ -8,7 +8,7 @@ import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
 from include.cosmos_upsample import stages
-from include.cosmos_upsample.errors import NotRetryable
+from include.cosmos_upsample.errors import NotRetryable, fails_fast
 from include.cosmos_upsample.shared_storage import MARKER_NAME, SharedStorageError, require_shared, write_marker
 from tests.helpers import write_spec
 
@@ -27,8 +27,10 @@ class TestMarker:
             require_shared(tmp_path)
         message = str(caught.value)
         assert str(tmp_path) in message and repr(socket.gethostname()) in message and "flock" in message
-        # Both the project's "do not retry" and Airflow's: the task SDK fails it without waiting out retries.
-        assert isinstance(caught.value, NotRetryable) and isinstance(caught.value, AirflowFailException)
+        # Not retryable: every DAG task's `fails_fast` turns it into Airflow's "fail now, do not retry".
+        assert isinstance(caught.value, NotRetryable)
+        with pytest.raises(AirflowFailException, match="does not share that storage"):
+            fails_fast(require_shared)(tmp_path)
 
     def test_unreadable_marker_counts_as_missing(self, tmp_path):
         (tmp_path / MARKER_NAME).write_text("{half")

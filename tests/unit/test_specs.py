@@ -40,6 +40,12 @@ class TestLoadSpec:
         assert out["prompt"] == "A long description" and out["parent_prompt_text"] == "A cup"
         assert out["is_upsampled"] is True and out["metadata"]["upsampling"] == {"model": "m"}
 
+    def test_an_upsampled_input_sent_again_keeps_the_users_original_prompt(self, tmp_path):
+        earlier = {"prompt": "A long description of a red cup on a table.", "is_upsampled": True,
+                   "parent_prompt_text": "A cup"}
+        out = upsampled_spec(load_spec(write(tmp_path, "cup.json", json.dumps(earlier))), "Another long one", {})
+        assert out["prompt"] == "Another long one" and out["parent_prompt_text"] == "A cup"
+
 
 class TestResolveVideo:
     def spec(self, tmp_path, video_path):
@@ -75,7 +81,8 @@ class TestResolveVideo:
 
 
 def test_content_key_changes_with_any_input():
-    key = content_key(b"spec", "video|1|2", "fp")
-    assert key == content_key(b"spec", "video|1|2", "fp")
-    assert len({key, content_key(b"spec2", "video|1|2", "fp"), content_key(b"spec", "video|1|3", "fp"),
-                content_key(b"spec", "video|1|2", "fp2")}) == 4
+    key = content_key("a", b"spec", "video|1|2", "fp")
+    assert key == content_key("a", b"spec", "video|1|2", "fp")
+    # The spec's id is part of it: byte-identical files without an id (ids from their names) are two items.
+    assert len({key, content_key("b", b"spec", "video|1|2", "fp"), content_key("a", b"spec2", "video|1|2", "fp"),
+                content_key("a", b"spec", "video|1|3", "fp"), content_key("a", b"spec", "video|1|2", "fp2")}) == 5

@@ -44,7 +44,7 @@ class TestProbeOnce:
 
         clip = make_video(tmp_path / "clip.mp4", 64, 36, seconds=1)
         probed = []
-        monkeypatch.setattr(video, "probe", lambda path, label: probed.append(label) or probe(path, label))
+        monkeypatch.setattr(video, "probe", lambda path, label, **how: probed.append(label) or probe(path, label))
         first = probe_once(clip, "a.json")
         assert probe_once(clip, "b.json") == first and probed == ["a.json"]
         make_video(clip, 80, 48, seconds=1)  # rewritten in place: a new size, mtime and ctime
@@ -182,3 +182,35 @@ def test_hint_key_holds_source_derivation_and_sampling():
         hint_key("clip|1|3", 320, 180, [0.5, 1.5], "spread"),
     }
     assert len(keys) == 7 and hint_key(*base) == hint_key(*base)
+
+
+class TestBoundedRuns:
+    """ffprobe and ffmpeg never wait forever: a FIFO with no writer makes the real binaries block on their first read,
+    as a hung decode (a stalled network mount, a damaged file) does. Validation never hands them one (videos must be
+    regular files); these call the video module directly."""
+
+    @pytest.fixture
+    def fifo(self, tmp_path):
+        import os
+
+        path = tmp_path / "stalled.mp4"
+        os.mkfifo(path)
+        return path
+
+    def test_a_probe_that_hangs_is_stopped_and_named(self, fifo):
+        with pytest.raises(VideoError, match=r"spec\.json: ffprobe did not finish within 1 s \(ffmpeg_timeout_seconds"):
+            probe(fifo, "spec.json", timeout=1)
+        assert not running_with(fifo)
+
+    def test_an_extraction_that_hangs_is_stopped_and_named(self, fifo, tmp_path):
+        from include.cosmos_upsample.video import extract_frames
+
+        with pytest.raises(VideoError, match="ffmpeg extracting its hint frames did not finish within 1 s"):
+            extract_frames(fifo, [0.5], 32, 18, tmp_path, "spec.json", timeout=1)
+        assert not running_with(fifo)
+
+
+def running_with(path) -> list[str]:
+    """Processes whose command line names `path` (none may outlive a bounded run)."""
+    found = subprocess.run(["pgrep", "-f", str(path)], capture_output=True, text=True).stdout.split()
+    return found

@@ -49,10 +49,10 @@ def counter(tiny_pixtral) -> PixtralCounter:
 
 
 def write_job(job_dir: Path, tiny_pixtral: Path, items: list[JobItem], **fields) -> Job:
-    job = Job(job_key=job_dir.name, backend="vllm", model=str(tiny_pixtral), max_model_len=4096,
-              max_output_tokens=300, prompt_format="cosmos_upsampler", sampling=COSMOS.sampling,
+    base = {"max_model_len": 4096, "prompt_format": "cosmos_upsampler", "sampling": COSMOS.sampling}
+    job = Job(job_key=job_dir.name, backend="vllm", model=str(tiny_pixtral), max_output_tokens=300,
               engine={"enable_prefix_caching": True, "max_num_seqs": 8}, planner_tokenizer="tiny tekken.json",
-              items=tuple(items), **fields)
+              items=tuple(items), **{**base, **fields})
     job_dir.mkdir(parents=True, exist_ok=True)
     (job_dir / MANIFEST_NAME).write_text(json.dumps(job.to_manifest()))
     return job
@@ -162,3 +162,47 @@ class TestPlanCheckedAgainstTheEngine:
             in result.stderr
         assert "tiny tekken.json" in result.stderr and str(tiny_pixtral) in result.stderr
         assert not (job_dir / LEDGER_NAME).exists()
+
+
+
+def test_a_structured_format_on_the_local_runner_counts_its_system_turn_and_answers_in_the_schema(
+        vllm_python, vllm_cpu_env, tiny_pixtral, frames, tmp_path):
+    """The local runner with cosmos3_structured's request (its system turn, the frames, its instruction) and a small
+    answer schema (as a team's `response_schema` gives it; the full Cosmos 3 schema's answers take minutes on this CPU
+    and are checked through the inference service in tests/endpoint): the engine counts the system turn the planner
+    counted, and the schema reaches the engine as structured outputs (a random-weight model writes nonsense, but
+    within it)."""
+    from jsonschema import Draft202012Validator
+
+    cosmos3 = PROMPT_FORMATS["cosmos3_structured"]
+    schema = {"type": "object", "required": ["scene", "camera"], "additionalProperties": False,
+              "properties": {"scene": {"type": "string", "maxLength": 40}, "camera": {"type": "string",
+                                                                                    "maxLength": 20}}}
+    counter = PixtralCounter(str(tiny_pixtral / "tekken.json"), images_first=True, system=cosmos3.system)
+    text = cosmos3.user_text(PROMPTS[0], "edge")
+    item = JobItem("k0", "k0", text, frames, planned_tokens=counter.count(text, 320, 180, 2), max_tokens=200)
+    write_job(tmp_path / "job", tiny_pixtral, [item], prompt_format="cosmos3_structured",
+              sampling={**cosmos3.sampling, "seed": 1}, response_schema=schema)
+    ok(run_worker(vllm_python, vllm_cpu_env, tmp_path / "job"))
+    [entry] = Ledger.of(tmp_path / "job").entries()
+    assert entry["status"] == "ok", entry["reason"]
+    assert "schema" not in entry["failed_checks"], entry  # judged by the gate's check `schema`, in the worker
+    assert entry["prompt_tokens"] == item.planned_tokens
+    answer = json.loads(entry["text"])
+    assert entry["text"] == json.dumps(answer, ensure_ascii=True)  # stored compact, as NVIDIA writes it
+    assert not list(Draft202012Validator(schema).iter_errors(answer))
+
+
+class TestQualityGate:
+    def test_an_answer_cut_at_max_tokens_is_truncated_by_the_engines_finish_reason(
+            self, vllm_python, vllm_cpu_env, tiny_pixtral, frames, counter, tmp_path):
+        from include.cosmos_upsample.quality import Policy, thresholds_for
+
+        job_dir = tmp_path / "job"
+        policy = Policy("cosmos_upsampler", thresholds_for("cosmos_upsampler"), 0, ())
+        write_job(job_dir, tiny_pixtral, [planned_item("cut", PROMPTS[0], frames, counter, max_tokens=3)],
+                  quality=policy.to_manifest())
+        ok(run_worker(vllm_python, vllm_cpu_env, job_dir))
+        [entry] = Ledger.of(job_dir).entries()
+        assert (entry["finish_reason"], entry["completion_tokens"], entry["verdict"]) == ("length", 3, "flagged")
+        assert "truncated" in entry["failed_checks"]

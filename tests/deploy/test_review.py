@@ -1,0 +1,118 @@
+"""`review: flagged` under the real scheduler (api-server + scheduler + dag-processor, LocalExecutor): each flagged
+answer becomes a Required Action (Airflow's HITLOperator, waiting in `awaiting_input`), which this test answers over
+the REST API v2 as a reviewer would in the UI: one approved with an edit, one rejected, one left to time out. The
+merged spec, the review files and the report then say what the person decided."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+from include.cosmos_upsample.settings import DAG_ID, REPORT_TASK_ID, REPORT_XCOM_KEY
+from tests.deploy.conftest import PROMPTS as DEPLOY_PROMPTS
+from tests.deploy.test_local_executor import local_deployment
+from tests.helpers import make_video, write_spec
+
+pytestmark = pytest.mark.deploy
+
+# Every answer is longer than 2 words: all three are flagged whatever the model writes, without a re-ask.
+FLAGGING = {"review": "flagged", "quality": {"max_words": 2, "min_words": 0}, "quality_retries": 0}
+# One prompt a reviewer must see as it is: Jinja and Markdown in it are neither rendered nor run.
+PROMPTS = {**DEPLOY_PROMPTS, "drone": "A drone {{ 7 * 7 }} flies ![x](http://evil.example/x.png) over a field."}
+EDITED = "A robot arm lifts the red cup off the wooden table and sets it down again, edited by a reviewer."
+# Long enough for the test to answer the other two first; the scheduler then takes the default (Reject).
+REVIEW_TIMEOUT_SECONDS = 90
+
+
+def hitl_details(site, run_id: str) -> list[dict]:
+    return site.get(f"/dags/{DAG_ID}/dagRuns/{quote(run_id, safe='')}/hitlDetails", limit=100)["hitl_details"]
+
+
+def answer(site, run_id: str, map_index: int, option: str, text: str) -> dict:
+    path = f"/dags/{DAG_ID}/dagRuns/{quote(run_id, safe='')}/taskInstances/review/{map_index}/hitlDetails"
+    response = site.request("PATCH", path, json={"chosen_options": [option], "params_input": {"answer": text}})
+    assert response.status_code == 200, f"PATCH {path}: {response.status_code} {response.text[:2000]}"
+    return response.json()
+
+
+def spec_of(detail: dict) -> str:
+    return next(stem for stem in PROMPTS if f"for {stem} (" in detail["subject"])
+
+
+def test_a_reviewer_approves_one_with_an_edit_rejects_one_and_one_times_out(tmp_path, migrated_db):
+    specs, output_dir = tmp_path / "specs", tmp_path / "outputs"
+    make_video(specs / "clip.mp4", 320, 180)
+    for stem, prompt in PROMPTS.items():
+        write_spec(specs, stem, prompt=prompt, input_video_path="clip.mp4")
+    with local_deployment(tmp_path, specs, migrated_db,
+                          COSMOS_UPSAMPLE_REVIEW_TIMEOUT_SECONDS=str(REVIEW_TIMEOUT_SECONDS)) as site:
+        run_id = site.trigger(site.form_conf(output_dir=str(output_dir), **FLAGGING))
+        site.unpause()
+
+        def requests_for(*stems: str) -> dict[str, dict] | None:
+            found = {spec_of(detail): detail for detail in hitl_details(site, run_id)}
+            return found if all(stem in found for stem in stems) else None
+
+        # Each request times out REVIEW_TIMEOUT_SECONDS after its own task began to wait: answer the two at once.
+        by_spec = site.wait(lambda: requests_for("arm_cup", "forklift"), 900, "the first two review requests")
+        asked_at = time.monotonic()
+        arm, forklift = by_spec["arm_cup"], by_spec["forklift"]
+        answer(site, run_id, arm["task_instance"]["map_index"], "Approve", EDITED)
+        answer(site, run_id, forklift["task_instance"]["map_index"], "Reject", forklift["params"]["answer"]["value"])
+        assert time.monotonic() - asked_at < REVIEW_TIMEOUT_SECONDS, "answered too late: the test would be wrong"
+        drone = site.wait(lambda: requests_for(*PROMPTS), 300, "the third review request")["drone"]
+        waiting = [ti["state"] for ti in site.task_instances(run_id)
+                   if ti["task_id"] == "review" and ti["map_index"] == drone["task_instance"]["map_index"]]
+        assert waiting in (["awaiting_input"], ["running"]), waiting  # waiting holds no worker slot
+
+        # What the reviewer saw: the prompt verbatim, the answer in an editable field, links to the frames.
+        assert arm["options"] == ["Approve", "Reject"] and arm["defaults"] == ["Reject"]
+        assert f"```text\n{PROMPTS['arm_cup']}\n```" in arm["body"]
+        model_answer = arm["params"]["answer"]["value"]
+        shown = arm["body"].split("**Answer**", 1)[1].split("```text\n", 1)[1].split("\n```", 1)[0]
+        assert model_answer and " ".join(shown.split()) == " ".join(model_answer.split())  # wrapped for reading
+        frame_path = f"/upsample-reports/runs/{quote(run_id, safe='')}/items/arm_cup/frames/0"
+        assert f"{site.url}{frame_path}" in arm["body"]
+        frame = site.request("GET", frame_path)
+        assert frame.status_code == 200 and frame.headers["content-type"] == "image/jpeg"
+        assert frame.content[:3] == b"\xff\xd8\xff"
+        import httpx
+
+        assert httpx.get(f"{site.url}{frame_path}", timeout=30).status_code in (401, 403)
+        assert f"```text\n{PROMPTS['drone']}\n```" in drone["body"]  # verbatim: no Jinja rendered it
+
+        run = site.wait_run(run_id, 900)
+        assert run["state"] == "success", (run, site.services.tails())
+        answered = requests_for(*PROMPTS)
+        assert answered["arm_cup"]["responded_by_user"]["name"] == "admin"
+        assert answered["arm_cup"]["chosen_options"] == ["Approve"]
+        drone = answered["drone"]
+        assert drone["chosen_options"] == ["Reject"] and drone["responded_by_user"] is None  # the timeout's default
+        location = site.xcom(run_id, REPORT_TASK_ID, REPORT_XCOM_KEY)
+        tis = site.task_instances(run_id)
+
+    report = json.loads(Path(location["report_json"]).read_text())
+    items = {item["spec_id"]: item for item in report["items"]}
+    assert report["counts"] == {"discovered": 3, "upsampled": 1, "cached": 0, "invalid": 0, "failed": 0,
+                                "flagged": 2}
+    assert report["quality"]["flagged"] == 3 and report["quality"]["by_check"]["too_long"] == 3
+
+    approved = items["arm_cup"]
+    assert approved["status"] == "upsampled" and approved["review"]["action"] == "edited"
+    spec = json.loads((output_dir / "specs" / "arm_cup.json").read_text())
+    assert spec["prompt"] == EDITED and spec["parent_prompt_text"] == PROMPTS["arm_cup"]
+    review = spec["metadata"]["upsampling"]["review"]
+    assert (review["action"], review["by"]) == ("edited", "admin") and review["at"]
+    assert not (output_dir / "review" / "arm_cup.json").exists()
+
+    assert items["forklift"]["status"] == "flagged" and items["forklift"]["review"]["action"] == "rejected"
+    assert json.loads((output_dir / "review" / "forklift.json").read_text())["review"]["by"] == "admin"
+    assert items["drone"]["status"] == "flagged" and items["drone"]["review"] is None
+    assert not (output_dir / "specs" / "forklift.json").exists() and not (output_dir / "specs" / "drone.json").exists()
+
+    review_tis = [ti for ti in tis if ti["task_id"] == "review"]
+    assert len(review_tis) == 3 and {ti["state"] for ti in review_tis} == {"success"}, review_tis
