@@ -20,8 +20,10 @@ import re
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import reduce
+from operator import truediv
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, overload
 
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._+=:@-]")
 # Folder names under output_dir that readers (the UI plugin) check paths against.
@@ -35,36 +37,43 @@ def safe_name(value: str) -> str:
     return cleaned or "_"
 
 
+class _Under:
+    """A fixed path under a layout's folder (the field its class names in FOLDER). Joined with the folder's own `/`:
+    the output folder may be an ObjectStoragePath (s3://...), which `Path(folder, name)` would silently make a local
+    path."""
+
+    def __init__(self, *parts: str) -> None:
+        self.parts = parts
+
+    @overload
+    def __get__(self, layout: None, owner: type) -> _Under: ...
+
+    @overload
+    def __get__(self, layout: object, owner: type | None = None) -> Path: ...
+
+    def __get__(self, layout: object | None, owner: type | None = None) -> Path | _Under:
+        if layout is None:
+            return self
+        return reduce(truediv, self.parts, getattr(layout, layout.FOLDER))
+
+
 @dataclass(frozen=True)
 class OutputLayout:
+    FOLDER: ClassVar[str] = "root"
     root: Path
+    specs_dir = _Under(SPECS)
+    reports_dir = _Under(REPORTS)
+    hints_dir = _Under(HINTS)
+    jobs_dir = _Under(JOBS)
+    review_dir = _Under(REVIEW)
+    message_claims_dir = _Under(EVENTS, "claims")
 
     @classmethod
     def at(cls, output_dir: str | Path) -> OutputLayout:
         return cls(Path(output_dir).expanduser().resolve())
 
-    @property
-    def specs_dir(self) -> Path:
-        return self.root / SPECS
-
-    @property
-    def reports_dir(self) -> Path:
-        return self.root / REPORTS
-
-    @property
-    def hints_dir(self) -> Path:
-        return self.root / HINTS
-
-    @property
-    def jobs_dir(self) -> Path:
-        return self.root / JOBS
-
     def spec_path(self, spec_id: str) -> Path:
         return self.specs_dir / f"{spec_id}.json"
-
-    @property
-    def review_dir(self) -> Path:
-        return self.root / REVIEW
 
     def review_path(self, spec_id: str) -> Path:
         return self.review_dir / f"{spec_id}.json"
@@ -84,10 +93,6 @@ class OutputLayout:
 
     def hint_dir(self, hint_key: str) -> Path:
         return self.hints_dir / hint_key
-
-    @property
-    def message_claims_dir(self) -> Path:
-        return self.root / EVENTS / "claims"
 
     def answer_pointer(self, item_key: str) -> Path:
         """jobs/by-item/<item_key>: the key of the job that was given this item (see merge.earlier_answers)."""
@@ -113,47 +118,21 @@ class RunFolder:
         video_cache/chunk-NNNN.json  video cache hits and downloads of a validate task (object-storage input)
     """
 
+    FOLDER: ClassVar[str] = "path"
     path: Path
+    settings = _Under("settings.json")
+    trigger = _Under("trigger.json")
+    discovered = _Under("discovered.json")
+    merged = _Under("merged.json")
+    review_requests = _Under("review.json")
+    chunks_dir = _Under("chunks")
+    validated_dir = _Under("validated")
+    plans_dir = _Under("plans")
+    stages_dir = _Under("stages")
 
     @classmethod
     def at(cls, run_dir: str | Path) -> RunFolder:
         return cls(Path(run_dir))
-
-    @property
-    def settings(self) -> Path:
-        return self.path / "settings.json"
-
-    @property
-    def trigger(self) -> Path:
-        return self.path / "trigger.json"
-
-    @property
-    def discovered(self) -> Path:
-        return self.path / "discovered.json"
-
-    @property
-    def merged(self) -> Path:
-        return self.path / "merged.json"
-
-    @property
-    def review_requests(self) -> Path:
-        return self.path / "review.json"
-
-    @property
-    def chunks_dir(self) -> Path:
-        return self.path / "chunks"
-
-    @property
-    def validated_dir(self) -> Path:
-        return self.path / "validated"
-
-    @property
-    def plans_dir(self) -> Path:
-        return self.path / "plans"
-
-    @property
-    def stages_dir(self) -> Path:
-        return self.path / "stages"
 
     def chunk(self, index: int) -> Path:
         return self.chunks_dir / f"chunk-{index:04d}.json"

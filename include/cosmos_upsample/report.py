@@ -33,9 +33,8 @@ class TooManyFailures(NotRetryable):
 def count_items(items: list[Item]) -> dict[str, int]:
     by_status = Counter(item.status for item in items)
     counts = {"discovered": len(items), **{key: by_status.get(key, 0) for key in COUNT_KEYS[1:]}}
-    for extra in ("planned", "flagged"):  # only in runs that have them
-        if by_status.get(extra):
-            counts[extra] = by_status[extra]
+    if by_status.get("planned"):  # only in dry runs that planned items
+        counts["planned"] = by_status["planned"]
     return counts
 
 
@@ -53,7 +52,7 @@ def quota_exceeded(counts: dict[str, int], settings: Settings) -> str | None:
     if failure_exceeded(counts, settings.max_failure_ratio):
         return (f"{counts['failed']} of {counts['discovered']} specs failed, more than max_failure_ratio="
                 f"{settings.max_failure_ratio}")
-    if counts["discovered"] and counts.get("flagged", 0) / counts["discovered"] > settings.max_flagged_ratio:
+    if counts["discovered"] and counts["flagged"] / counts["discovered"] > settings.max_flagged_ratio:
         return (f"{counts['flagged']} of {counts['discovered']} specs ended flagged by the quality checks, more than "
                 f"max_flagged_ratio={settings.max_flagged_ratio}")
     return None

@@ -18,9 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field
 # answer failed the quality checks after every re-ask (it is in review/, never in specs/).
 FinalStatus = Literal["upsampled", "cached", "invalid", "failed", "planned", "flagged"]
 FINAL_STATUSES: tuple[str, ...] = get_args(FinalStatus)
-# Keys of `counts`: every report has these; `planned` only when a dry run planned items, `flagged` only when items
-# ended flagged.
-COUNT_KEYS: tuple[str, ...] = ("discovered", "upsampled", "cached", "invalid", "failed")
+# Keys of `counts`: every report has these (reports written before `flagged` was always counted may lack it),
+# `planned` only when a dry run planned items.
+COUNT_KEYS: tuple[str, ...] = ("discovered", "upsampled", "cached", "invalid", "failed", "flagged")
 
 
 class Tokens(BaseModel):
@@ -88,12 +88,12 @@ class Counts(BaseModel):
     cached: int
     invalid: int
     failed: int
+    flagged: int = 0  # older reports wrote it only when items ended flagged
     planned: int | None = None
-    flagged: int | None = None
 
     def as_dict(self) -> dict[str, int]:
-        """The counts the report holds (`planned` only in dry runs, `flagged` only with flagged items), in the order
-        of the JSON."""
+        """The counts the report holds (`planned` only in dry runs; older reports may lack `flagged`), in the order of
+        the JSON."""
         return self.model_dump(exclude_unset=True)
 
     def of(self, key: str) -> int:

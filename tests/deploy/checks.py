@@ -20,7 +20,8 @@ def check_finished_run(site: AirflowSite, run_id: str, input_dir: Path, output_d
     report = json.loads(report_json.read_text())
     assert (report["run_id"], report["dag_id"]) == (run_id, DAG_ID)
     assert report["counts"] == location["counts"]
-    assert report["counts"] == {"discovered": 3, "upsampled": 3, "cached": 0, "invalid": 0, "failed": 0}
+    assert report["counts"] == {"discovered": 3, "upsampled": 3, "cached": 0, "invalid": 0, "failed": 0,
+                                "flagged": 0}
     for name, value in params.items():
         assert report["params"][name] == value, (name, report["params"][name], value)
 

@@ -73,7 +73,8 @@ class TestLocalRun:
         _, report, _ = first_run
         assert sorted(item["source_path"] for item in report["items"]) == sorted(
             str(path) for path in input_dir.glob("*.json"))
-        assert report["counts"] == {"discovered": 11, "upsampled": 2, "cached": 0, "invalid": 9, "failed": 0}
+        assert report["counts"] == {"discovered": 11, "upsampled": 2, "cached": 0, "invalid": 9, "failed": 0,
+                                    "flagged": 0}
 
     def test_bad_inputs_have_reasons_naming_the_file(self, first_run):
         _, report, _ = first_run
@@ -116,7 +117,8 @@ class TestLocalRun:
         ledgers_before = tree_digest(output_dir / "jobs")
         run_dag(airflow_home, {"input_dir": str(input_dir), "output_dir": str(output_dir)})
         report = latest_report(output_dir)
-        assert report["counts"] == {"discovered": 11, "upsampled": 0, "cached": 2, "invalid": 9, "failed": 0}
+        assert report["counts"] == {"discovered": 11, "upsampled": 0, "cached": 2, "invalid": 9, "failed": 0,
+                                    "flagged": 0}
         assert tree_digest(output_dir / "jobs") == ledgers_before
 
 

@@ -40,7 +40,8 @@ def first_run(airflow_home, vllm_server, tmp_path_factory):
 class TestAnsweredByTheService:
     def test_every_item_is_answered_with_its_frames(self, first_run):
         _, out, _, report, _ = first_run
-        assert report["counts"] == {"discovered": 5, "upsampled": 5, "cached": 0, "invalid": 0, "failed": 0}
+        assert report["counts"] == {"discovered": 5, "upsampled": 5, "cached": 0, "invalid": 0, "failed": 0,
+                                    "flagged": 0}
         assert {item["hint"]["source"] for item in report["items"]} == {"input_video", "edge"}
         for item in report["items"]:
             assert item["frames_sent"] == 2 and item["upsampled_prompt"]

@@ -51,6 +51,7 @@ def make_report(run_id: str, output_dir: Path, *, items: int = 24, budget: int =
 
 
 def _wrap(run_id: str, output_dir: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    # Counts as reports wrote them before `flagged` was in every report: the plugin must keep reading those.
     counts = {"discovered": len(rows), "upsampled": 0, "cached": 0, "invalid": 0, "failed": 0}
     for row in rows:
         counts[row["status"]] += 1

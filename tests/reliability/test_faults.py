@@ -351,7 +351,8 @@ def test_an_output_in_the_way_fails_its_item_and_the_answer_is_not_paid_again(ai
     shutil.rmtree(out / "specs" / "spec_0.json")
     second = run_dag(airflow_home, conf(folder, out))
     report = latest_report(out)
-    assert report["counts"] == {"discovered": 3, "upsampled": 1, "cached": 2, "invalid": 0, "failed": 0}
+    assert report["counts"] == {"discovered": 3, "upsampled": 1, "cached": 2, "invalid": 0, "failed": 0,
+                                "flagged": 0}
     assert_invariants(folder, out, before, report, outside=(tmp_path, outside),
                       outputs=(*outputs, second.stdout + second.stderr))
     assert len(ledger_entries(out)) == 3

@@ -66,7 +66,7 @@ def test_only_the_announced_specs_of_the_prefix(prefix, s3_conn, tmp_path):
                         "asset_triggered__1")
     assert set(by_stem(report)) == {"a"}  # b and c are in the prefix, but nobody announced them
     assert report.counts.as_dict() == {"discovered": 1, "upsampled": 0, "cached": 0, "invalid": 0, "failed": 0,
-                                       "planned": 1}
+                                       "flagged": 0, "planned": 1}
     # The watched prefix is the run's input_dir, whatever the defaults say.
     assert clean_url(path_from(report.params["input_dir"])) == f"s3://{prefix.path}"
     base = f"s3://{prefix.path}"

@@ -98,7 +98,8 @@ class TestS3Run:
         report = runs["first"]
         listed = sorted(str(p) for p in s3_input.glob("**/*.json"))
         assert sorted(item["source_path"] for item in report["items"]) == listed and len(listed) == 6
-        assert report["counts"] == {"discovered": 6, "upsampled": 3, "cached": 0, "invalid": 3, "failed": 0}
+        assert report["counts"] == {"discovered": 6, "upsampled": 3, "cached": 0, "invalid": 3, "failed": 0,
+                                    "flagged": 0}
 
     def test_bad_inputs_have_reasons_naming_the_file(self, runs):
         items = _items(runs["first"])
@@ -131,7 +132,8 @@ class TestS3Run:
         assert bucket_digest(s3_input) == runs["inputs_before"]
 
     def test_rerun_is_fully_cached_calls_no_model_and_downloads_no_video(self, runs, moto_server):
-        assert runs["second"]["counts"] == {"discovered": 6, "upsampled": 0, "cached": 3, "invalid": 3, "failed": 0}
+        assert runs["second"]["counts"] == {"discovered": 6, "upsampled": 0, "cached": 3, "invalid": 3, "failed": 0,
+                                            "flagged": 0}
         work = runs["work"]
         assert {str(p): p.read_bytes() for p in sorted(work.glob("jobs/*/ledger.jsonl"))} == runs["ledgers"]
         assert runs["video_gets"] >= 3 and runs["video_gets_rerun"] == 0  # the first run did fetch them

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from include.cosmos_upsample import stages
-from include.cosmos_upsample.layout import OutputLayout, RunFolder, read_json
+from include.cosmos_upsample.layout import OutputLayout, RunFolder, _Under, read_json
 
 
 class TestRunFolder:
@@ -33,6 +35,24 @@ class TestRunFolder:
             run.chunk(index).parent.mkdir(parents=True, exist_ok=True)
             run.chunk(index).write_text("[]")
         assert [RunFolder.chunk_index(path) for path in run.chunks()] == [0, 1, 2]
+
+
+class TestObjectStorageLayout:
+    """The output folder may be an ObjectStoragePath (s3://...): a fixed path under it that came back as a local Path
+    would send every file of an S3 run to the local disk."""
+
+    @pytest.mark.parametrize("layout_class", [OutputLayout, RunFolder])
+    def test_every_fixed_path_keeps_the_folder_type_and_protocol(self, layout_class):
+        from airflow.sdk import ObjectStoragePath
+
+        folder = ObjectStoragePath("memory://bucket/out")  # fsspec's in-memory store: no server, no connection
+        layout = layout_class(folder)
+        fixed = [name for name, value in vars(layout_class).items() if isinstance(value, _Under)]
+        assert {"specs_dir", "settings"} & set(fixed)
+        for name in fixed:
+            path = getattr(layout, name)
+            assert isinstance(path, ObjectStoragePath) and path.protocol == "memory", name
+            assert str(path).startswith("memory://bucket/out/"), name
 
 
 class TestStagesUseTheGivenRunFolder:

@@ -16,7 +16,8 @@ class TestReport:
         items = [item("upsampled"), item("cached"), item("invalid", reason="bad"), item("failed", reason="x")]
         report = build_report(run_id="r1", dag_id="d", started_at="t0", finished_at="t1",
                               settings=resolve_settings({}), items=items, stages={"validate": 1.23456}).to_json()
-        assert report["counts"] == {"discovered": 4, "upsampled": 1, "cached": 1, "invalid": 1, "failed": 1}
+        assert report["counts"] == {"discovered": 4, "upsampled": 1, "cached": 1, "invalid": 1, "failed": 1,
+                                    "flagged": 0}
         assert set(report) >= {"run_id", "dag_id", "started_at", "finished_at", "params", "counts", "items", "stages"}
         assert set(report["items"][0]) >= {"spec_id", "source_path", "status", "reason", "tokens", "hint",
                                            "output_path"}

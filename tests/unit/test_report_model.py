@@ -36,7 +36,7 @@ class TestRunReport:
         json_path, html_path = write_report(OutputLayout.at(tmp_path), a_report("upsampled", "invalid"))
         data = read_json(json_path)
         assert set(data) == DESIGN_KEYS | EXTRA_KEYS
-        assert list(data["counts"]) == ["discovered", "upsampled", "cached", "invalid", "failed"]
+        assert list(data["counts"]) == ["discovered", "upsampled", "cached", "invalid", "failed", "flagged"]
         assert data["tokens_equal"] == {"equal": 2, "compared": 2}
         first = data["items"][0]
         assert {"spec_id", "source_path", "status", "reason", "tokens", "hint", "output_path"} <= set(first)
@@ -50,9 +50,9 @@ class TestRunReport:
         assert a_report("planned").to_json()["counts"]["planned"] == 1
         assert "planned" not in a_report("upsampled").to_json()["counts"]
 
-    def test_flagged_is_counted_only_when_there_are_some(self):
+    def test_flagged_is_counted_in_every_report(self):
         assert a_report("flagged", "upsampled").to_json()["counts"]["flagged"] == 1
-        assert "flagged" not in a_report("upsampled").to_json()["counts"]
+        assert a_report("upsampled").to_json()["counts"]["flagged"] == 0
 
     def test_reads_back_what_it_wrote(self):
         report = a_report("upsampled", "cached", "failed")
@@ -66,7 +66,7 @@ class TestRunReport:
                             "output_path": "/out/specs/a.json", "added_later": 1}],
                  "stages": {"merge": 1}}
         report = RunReport.model_validate(older)
-        assert report.state is None and report.items[0].hint.times == []
+        assert report.state is None and report.items[0].hint.times == [] and report.counts.flagged == 0
         assert report.to_json() == older
 
     def test_a_valid_item_is_never_final(self):

@@ -28,7 +28,7 @@ class TestRunSummary:
         assert summary == {"run_id": "manual__1", "dag_id": "cosmos_prompt_upsample",
                            "started_at": "2026-12-01T10:00:00+00:00", "finished_at": "2026-12-01T10:05:00+00:00",
                            "state": "failed", "counts": {"discovered": 2, "upsampled": 1, "cached": 0, "invalid": 0,
-                                                        "failed": 1},
+                                                        "failed": 1, "flagged": 0},
                            "model": "nvidia/Cosmos-UpsamplePrompt1-12B-Transfer", "backend": "vllm", "dry_run": False,
                            "trigger": None}  # `airflow dags test`-style reports name no trigger
         # Written after the report: a summary at least as new as its report describes it.

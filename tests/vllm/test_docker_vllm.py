@@ -101,7 +101,7 @@ class TestDockerRunnerWithVllm:
         out, report, log = docker_vllm_run
         samples = sorted(SAMPLE_INPUT_DIR.glob("*.json"))
         assert report["counts"] == {"discovered": len(samples), "upsampled": len(samples), "cached": 0,
-                                    "invalid": 0, "failed": 0}, log[-5000:]
+                                    "invalid": 0, "failed": 0, "flagged": 0}, log[-5000:]
         for item in report["items"]:
             assert item["frames_sent"] == item["hint"]["frames"] == 2 and item["upsampled_prompt"]
             upsampling = json.loads(Path(item["output_path"]).read_text())["metadata"]["upsampling"]

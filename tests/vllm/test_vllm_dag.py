@@ -28,7 +28,7 @@ class TestVllmDag:
         output_dir, report = vllm_run
         samples = sorted(SAMPLE_INPUT_DIR.glob("*.json"))
         assert report["counts"] == {"discovered": len(samples), "upsampled": len(samples), "cached": 0,
-                                    "invalid": 0, "failed": 0}
+                                    "invalid": 0, "failed": 0, "flagged": 0}
         for item in report["items"]:
             assert item["frames_sent"] == item["hint"]["frames"] == 2
             assert item["upsampled_prompt"]
