@@ -368,7 +368,8 @@ def _gpu_hosts_and_live_jobs(settings: Settings, layout: OutputLayout, keyed: Ma
     items of jobs on hosts that did not answer (key -> why they are held back)."""
     if settings.runner != "docker":
         return [], [], {}
-    from include.cosmos_upsample.remote import gpu_hosts, live_remote_jobs
+    from include.cosmos_upsample.gpu_slots import gpu_hosts
+    from include.cosmos_upsample.live_jobs import live_remote_jobs
 
     pinned, unanswered = ([], {}) if settings.dry_run else live_remote_jobs(layout, settings, keyed)
     return gpu_hosts(settings.gpu_conn_ids), pinned, unanswered

@@ -12,16 +12,11 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
+from include.cosmos_upsample.containers import JOB_LABEL, verified_engine_client
 from include.cosmos_upsample.docker_trigger import DockerJobTrigger
 from include.cosmos_upsample.jobformat import LEDGER_NAME
-from include.cosmos_upsample.remote import (
-    JOB_LABEL,
-    RemoteJob,
-    _verified_engine_client,
-    open_verified,
-    ssh_hook,
-    sync_ledger,
-)
+from include.cosmos_upsample.ssh_hosts import open_verified, ssh_hook
+from include.cosmos_upsample.staging import RemoteJob, sync_ledger
 from tests.remote.conftest import CONN_ID, WORKER_IMAGE, first_event, host_work_dir, ssh_connection
 from tests.remote.proxy import CuttingProxy
 
@@ -83,7 +78,7 @@ def test_the_trigger_follows_through_a_dropped_link_and_a_triggerer_restart(test
     local_job_dir.mkdir()
     monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", ssh_connection(testbed))
     client = open_verified(ssh_hook(CONN_ID))
-    api = _verified_engine_client(client, timeout=60)
+    api = verified_engine_client(client, timeout=60)
     container = api.create_container(WORKER_IMAGE, entrypoint=["sleep", "20"], labels={JOB_LABEL: job.job_key})["Id"]
     api.start(container)
 

@@ -24,7 +24,7 @@ from include.cosmos_upsample import stages
 from include.cosmos_upsample.items import load_items
 from include.cosmos_upsample.jobformat import Job, JobItem, Ledger
 from include.cosmos_upsample.layout import RunFolder, read_json, write_json_atomic
-from include.cosmos_upsample.remote import HOST_MARKER_NAME
+from include.cosmos_upsample.live_jobs import HOST_MARKER_NAME
 from include.cosmos_upsample.report_model import RunReport
 from include.cosmos_upsample.settings import DAG_ID
 from include.cosmos_upsample.shared_storage import MARKER_NAME, SharedStorageError
