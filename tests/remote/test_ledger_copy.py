@@ -66,6 +66,32 @@ def test_two_copiers_at_once_copy_every_ledger_byte_exactly_once(testbed, tmp_pa
     assert (local_job_dir / LEDGER_NAME).read_bytes() == host_ledger.read_bytes()
 
 
+def test_a_host_ledger_shorter_than_the_local_copy_replaces_it_whole(testbed, tmp_path, monkeypatch):
+    """The host's job folder was cleared and its worker began a new ledger: the local copy is no longer a prefix of
+    it, so it is replaced whole (atomically: no temporary file left beside it), and later tails append as usual."""
+    monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", ssh_connection(testbed))
+    job = RemoteJob(CONN_ID, f"short-{uuid.uuid4().hex[:12]}", PurePosixPath(host_work_dir(testbed)),
+                    PurePosixPath("/models"))
+    host_ledger = Path(str(job.ledger))
+    host_ledger.parent.mkdir(parents=True)
+    host_ledger.write_bytes(b'{"key": "new0"}\n')
+    local_job_dir = tmp_path / job.job_key
+    local_job_dir.mkdir()
+    (local_job_dir / LEDGER_NAME).write_bytes(b'{"key": "old0"}\n{"key": "old1"}\n')
+    client = open_verified(ssh_hook(CONN_ID))
+    try:
+        with client.open_sftp() as sftp:
+            assert sync_ledger(sftp, job, local_job_dir) == host_ledger.stat().st_size
+            assert (local_job_dir / LEDGER_NAME).read_bytes() == host_ledger.read_bytes()
+            with host_ledger.open("ab") as ledger:
+                ledger.write(b'{"key": "new1"}\n')
+            sync_ledger(sftp, job, local_job_dir)
+    finally:
+        client.close()
+    assert (local_job_dir / LEDGER_NAME).read_bytes() == host_ledger.read_bytes()
+    assert sorted(path.name for path in local_job_dir.iterdir() if path.name != ".lock") == [LEDGER_NAME]
+
+
 def test_the_trigger_follows_through_a_dropped_link_and_a_triggerer_restart(testbed, tmp_path, monkeypatch):
     """The real trigger follows a real container on the test bed while its host ledger grows: its SSH link is cut
     mid-wait (it reconnects), then it is cancelled (a triggerer going down) and re-created from its serialized kwargs
