@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from include.cosmos_upsample.batching import PlannedJob
 from include.cosmos_upsample.containers import (
     JOB_LABEL,
     SLOT_LABEL,
@@ -42,12 +43,12 @@ from include.cosmos_upsample.watchdog import StallWatch, WorkerStalled
 log = logging.getLogger(__name__)
 
 
-def remote_job(settings: Settings, job_info: dict[str, Any]) -> RemoteJob:
-    return RemoteJob(job_info["conn_id"], job_info["job_key"], PurePosixPath(settings.host_work_dir),
+def remote_job(settings: Settings, planned: PlannedJob) -> RemoteJob:
+    return RemoteJob(planned.conn_id, planned.job_key, PurePosixPath(settings.host_work_dir),
                      PurePosixPath(settings.host_model_dir))
 
 
-def _start_or_adopt(api, sftp, settings: Settings, job: RemoteJob, job_info: dict[str, Any], hosts: HostGpus,
+def _start_or_adopt(api, sftp, settings: Settings, job: RemoteJob, planned_job: PlannedJob, hosts: HostGpus,
                     local_job_dir: Path) -> str:
     """The running container of this job (adopted), else a new one on a free slot of the host."""
     mine = running_containers(api, f"{JOB_LABEL}={job.job_key}")
@@ -58,7 +59,7 @@ def _start_or_adopt(api, sftp, settings: Settings, job: RemoteJob, job_info: dic
     for stale in api.containers(all=True, filters={"label": [f"{JOB_LABEL}={job.job_key}"]}):
         api.remove_container(stale["Id"], force=True)  # an exited container of an earlier try
     busy = {(c.get("Labels") or {}).get(SLOT_LOCK_LABEL) for c in running_containers(api, SLOT_LOCK_LABEL)}
-    planned = planned_slot(hosts.slots(), job.conn_id, job_info.get("slot"), job_info.get("devices"))
+    planned = planned_slot(hosts.slots(), job.conn_id, planned_job.slot, planned_job.devices)
     slot: GpuSlot = choose_slot(hosts.slots(), busy, planned)
     place = placement(slot, settings.backend)
     sent = stage_job(sftp, job, read_json(local_job_dir / MANIFEST_NAME), container_model(settings), place.engine)
@@ -72,27 +73,26 @@ def _start_or_adopt(api, sftp, settings: Settings, job: RemoteJob, job_info: dic
     return container_id
 
 
-def start_docker_job(settings: Settings, job_info: dict[str, Any]) -> str:
+def start_docker_job(settings: Settings, planned: PlannedJob) -> str:
     """Adopt the job's running container or start one on a free slot; returns its id. The waiting is done elsewhere
     (the task defers to docker_trigger.DockerJobTrigger), then `finish_docker_job`."""
-    job = remote_job(settings, job_info)
+    job = remote_job(settings, planned)
     client = open_verified(ssh_hook(job.conn_id))
     try:
         hosts = host_gpus_of(job.conn_id, client)
         api = verified_engine_client(client, timeout=60)
         with client.open_sftp() as sftp:
-            return _start_or_adopt(api, sftp, settings, job, job_info, hosts, Path(job_info["job_dir"]))
+            return _start_or_adopt(api, sftp, settings, job, planned, hosts, planned.job_dir)
     finally:
         client.close()
 
 
-def trigger_kwargs(settings: Settings, job_info: dict[str, Any], container_id: str,
-                   started_at: float) -> dict[str, Any]:
+def trigger_kwargs(settings: Settings, planned: PlannedJob, container_id: str, started_at: float) -> dict[str, Any]:
     """What the trigger following a job's container is made of (docker_trigger.DockerJobTrigger): small values only,
     since Airflow stores them to re-create the trigger in whichever triggerer runs it."""
-    return {"conn_id": job_info["conn_id"], "job_key": job_info["job_key"], "container_id": container_id,
+    return {"conn_id": planned.conn_id, "job_key": planned.job_key, "container_id": container_id,
             "host_work_dir": settings.host_work_dir, "host_model_dir": settings.host_model_dir,
-            "local_job_dir": job_info["job_dir"], "sync_seconds": settings.ledger_sync_seconds,
+            "local_job_dir": str(planned.job_dir), "sync_seconds": settings.ledger_sync_seconds,
             "stall_timeout_seconds": settings.stall_timeout_seconds, "started_at": started_at}
 
 
@@ -118,10 +118,10 @@ def _raise_for(event: dict[str, Any], tail: tuple[str, ...], job: RemoteJob, ima
             f"{last_error_line(tail)}; finished items are kept in the ledger and a retry does only the rest")
 
 
-def finish_docker_job(settings: Settings, job_info: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
+def finish_docker_job(settings: Settings, planned: PlannedJob, event: dict[str, Any]) -> dict[str, Any]:
     """After the wait (`event`: ContainerWatch.poll's outcome, or an error of the trigger): stop the container unless
     it exited, fetch the ledger once more, remove the container, then raise what the wait ended with."""
-    job, local_job_dir = remote_job(settings, job_info), Path(job_info["job_dir"])
+    job, local_job_dir = remote_job(settings, planned), planned.job_dir
     container_id = event["container_id"]
     watch = ContainerWatch(job, container_id, local_job_dir, settings.ledger_sync_seconds,
                            StallWatch(settings.stall_timeout_seconds))
