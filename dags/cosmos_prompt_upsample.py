@@ -31,6 +31,7 @@ import datetime as dt
 from airflow.providers.standard.operators.hitl import HITLOperator
 from airflow.sdk import Asset, Param, dag, task, task_group, teardown
 
+from include.cosmos_upsample.batching import PlannedJob
 from include.cosmos_upsample.deployment import (
     default_args,
     task_timeout,
@@ -74,7 +75,7 @@ def label_by_chunk(chunk: str) -> None:
     get_current_context()["chunk_label"] = chunk.rsplit("/", 1)[-1]
 
 
-def label_by_job(job: dict, where: str) -> dict:
+def label_by_job(job: PlannedJob, where: str) -> dict:
     """Name an upsample task instance in the UI by its job (their map_index_template reads it); the task context."""
     from airflow.sdk import get_current_context
 
@@ -135,7 +136,7 @@ def cosmos_prompt_upsample():  # noqa: C901 - one nested function per task is th
         from include.cosmos_upsample import stages
 
         label_by_chunk(chunk)
-        return stages.batch(run_dir, chunk, validated)
+        return stages.batch(run_dir, chunk, validated).model_dump(mode="json")  # XCom stays JSON
 
     # Runner endpoint: requests to an inference service, in a pool of its own (no GPU slot); either upsample task
     # skips itself in a run of the other's runner (fails_fast turns stages.NotThisRunner into a skip).
@@ -144,7 +145,9 @@ def cosmos_prompt_upsample():  # noqa: C901 - one nested function per task is th
     def upsample_endpoint(run_dir: str, job: dict, ti=None):
         from include.cosmos_upsample import stages
 
-        return stages.upsample(run_dir, job, ti.map_index, label_by_job(job, "the inference service"), endpoint=True)
+        planned = PlannedJob.model_validate(job)
+        return stages.upsample(run_dir, planned, ti.map_index, label_by_job(planned, "the inference service"),
+                               endpoint=True)
 
     # all_done: a job that failed after its retries still gets its items reported as failed (and its flagged ones
     # reviewed). An empty list (review none, nothing flagged) skips the review task.

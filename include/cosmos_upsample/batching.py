@@ -1,4 +1,5 @@
-"""Model jobs (one per chunk of the DAG's mapped task group): pure functions over lists."""
+"""Model jobs (one per chunk of the DAG's mapped task group): pure functions over lists, and the job batch hands to
+its upsample task (PlannedJob)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
+
+from pydantic import BaseModel, ConfigDict
 
 from include.cosmos_upsample.gpu_slots import GpuSlot
 
@@ -36,6 +40,21 @@ class JobPlan:
     conn_id: str | None
     item_keys: tuple[str, ...]
     slot: int | None = None  # the planned slot's index on its host (see gpu_slots); None for the local runner
+
+
+class PlannedJob(BaseModel):
+    """The model job batch made of one chunk, as its upsample task gets it: through XCom as
+    `model_dump(mode="json")` (XCom stays JSON), validated once where a task takes it in; also the `job` of the
+    chunk's plan file. No `job_key` (and no `job_dir`) when the chunk has nothing to send to a model."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_key: str | None
+    job_dir: Path | None  # the local job folder (manifest, ledger) under work_dir
+    conn_id: str | None  # the GPU host's SSH connection (runner docker); None for the other runners
+    slot: int | None = None  # the planned slot's index on that host (see gpu_slots)
+    devices: tuple[str, ...] | None = None  # its device ids as planned at discover; None: recorded before they were
+    items: int  # how many prompts the job sends
 
 
 def job_key(item_keys: Sequence[str], settings_fingerprint: str) -> str:

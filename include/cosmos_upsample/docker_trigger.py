@@ -7,9 +7,9 @@ to `max_reconnect_attempts` consecutive failures, any other error ending the wai
 TriggerEvent when the job is done. Unlike that trigger, ours speaks the Docker API and SFTP (paramiko and the Docker
 SDK, both blocking), so each poll runs in a thread (asyncio.to_thread) while the event loop serves other triggers.
 
-Each poll (remote.ContainerWatch.poll) looks at the container's state, copies the new bytes of the host's ledger into
-the local job folder every ledger_sync_seconds (the UI's progress moves; the triggerer must see work_dir), runs the
-stall watchdog and checks the try's deadline. The kwargs are small values (ids, paths, numbers): a restarted
+Each poll (containers.ContainerWatch.poll) looks at the container's state, copies the new bytes of the host's ledger
+into the local job folder every ledger_sync_seconds (the UI's progress moves; the triggerer must see work_dir), runs
+the stall watchdog and checks the try's deadline. The kwargs are small values (ids, paths, numbers): a restarted
 triggerer re-creates the trigger from them and goes on from the ledger bytes already copied, the local file's size.
 """
 
@@ -24,8 +24,10 @@ from typing import Any
 import paramiko
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from include.cosmos_upsample.containers import POLL_SECONDS, ContainerWatch
 from include.cosmos_upsample.errors import is_not_retryable
-from include.cosmos_upsample.remote import POLL_SECONDS, ContainerWatch, HostUnreachable, RemoteJob
+from include.cosmos_upsample.ssh_hosts import HostUnreachable
+from include.cosmos_upsample.staging import RemoteJob
 from include.cosmos_upsample.watchdog import StallWatch
 
 # A dropped or refused connection: reconnect (as the provider's _CONNECTION_ERRORS, with paramiko's in place of

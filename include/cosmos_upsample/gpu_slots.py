@@ -1,4 +1,5 @@
-"""GPU slots: which GPUs of which host a model job may use. Pure values; the connection reading sits at the edge.
+"""GPU slots: which GPUs of which host a model job may use. Pure values; the edge that reads a host's connection and
+asks its nvidia-smi over SSH (host_gpus_of, gpu_hosts) closes the module.
 
 A GPU host's SSH connection extra may declare its GPUs and how many one job uses:
 
@@ -16,14 +17,19 @@ folder) while its model is loaded, so two jobs never share a GPU, whichever run 
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Mapping, Sequence
+import shlex
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
 from include.cosmos_upsample.errors import NotRetryable
 from include.cosmos_upsample.jobformat import GPU_LOCK_NAME
+from include.cosmos_upsample.ssh_hosts import connection_extra, open_verified, ssh_hook
+
+log = logging.getLogger(__name__)
 
 GPUS_EXTRA = "gpus"
 GPUS_PER_JOB_EXTRA = "gpus_per_job"
@@ -199,3 +205,66 @@ def planned_slot(slots: Sequence[GpuSlot], conn_id: str, index: int | None, devi
     wanted = tuple(str(device) for device in devices)
     found = next((slot for slot in slots if slot.device_ids == wanted), None)
     return found or GpuSlot(conn_id, index or 0, wanted, cpu_only=not wanted and slots[0].cpu_only)
+
+
+# The edge: a host's declaration read from its connection, and nvidia-smi asked over SSH for `"gpus": "auto"`.
+
+
+def discover_gpus(ssh_client, conn_id: str) -> tuple[str, ...]:
+    """Device indices from nvidia-smi on the host (a fixed command, nothing from a spec)."""
+    _, stdout, stderr = ssh_client.exec_command(shlex.join(NVIDIA_SMI_COMMAND), timeout=30)
+    output, code = stdout.read().decode(), stdout.channel.recv_exit_status()
+    if code != 0:
+        raise RuntimeError(f"nvidia-smi on {conn_id} exited with {code}: {stderr.read().decode().strip()[:200]}")
+    return parse_nvidia_smi(output)
+
+
+class GpuDiscoveryFailed(RuntimeError):
+    """A host declared `"gpus": "auto"` could not be asked for its GPUs: retried, never taken as "all GPUs" (a job
+    on every GPU beside other jobs' single-GPU slots would share their GPUs)."""
+
+
+def _discovered_gpus(conn_id: str, ssh_client=None) -> tuple[str, ...]:
+    try:
+        if ssh_client is not None:
+            return discover_gpus(ssh_client, conn_id)
+        client = open_verified(ssh_hook(conn_id))
+        try:
+            return discover_gpus(client, conn_id)
+        finally:
+            client.close()
+    except NotRetryable:
+        raise
+    except Exception as exc:
+        raise GpuDiscoveryFailed(
+            f"GPU host {conn_id}: could not list its GPUs with nvidia-smi ({exc}); no job is placed on a guess. "
+            "Check the host and its nvidia-smi, or declare its device ids in the connection's gpus extra") from None
+
+
+def host_gpus_of(conn_id: str, ssh_client=None) -> HostGpus:
+    """The host's GPU declaration from its connection; with `"gpus": "auto"`, nvidia-smi's answer (logged), and
+    GpuDiscoveryFailed when it cannot be had."""
+    extra = connection_extra(conn_id)
+    discovered = None
+    if wants_discovery(extra):
+        discovered = _discovered_gpus(conn_id, ssh_client)
+        log.info("GPU host %s: nvidia-smi lists GPUs %s", conn_id, list(discovered))
+    hosts = host_gpus(conn_id, extra, discovered)
+    log.info("GPU host %s: %d slot(s) %s", conn_id, len(hosts.slots()),
+             [list(slot.device_ids) or "all" for slot in hosts.slots()])
+    return hosts
+
+
+def gpu_hosts(conn_ids: Iterable[str]) -> list[HostGpus]:
+    """The slots to plan on. A host whose GPUs cannot be listed now gets no job this run (logged); with none left,
+    discover fails this try (retried)."""
+    hosts, failures = [], []
+    for conn_id in conn_ids:
+        try:
+            hosts.append(host_gpus_of(conn_id))
+        except GpuDiscoveryFailed as exc:
+            log.warning("%s; no job of this run is planned on it", exc)
+            failures.append(str(exc))
+    if not hosts:
+        raise GpuDiscoveryFailed("; ".join(failures))
+    return hosts

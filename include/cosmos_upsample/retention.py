@@ -35,7 +35,7 @@ from typing import Any
 
 from include.cosmos_upsample.jobformat import MANIFEST_NAME, job_lock, worker_holds
 from include.cosmos_upsample.layout import HINTS, RUNS, OutputLayout, RunFolder, read_json
-from include.cosmos_upsample.remote import HOST_MARKER_NAME
+from include.cosmos_upsample.live_jobs import host_of
 from include.cosmos_upsample.settings import Settings
 from include.cosmos_upsample.shared_storage import read_marker
 
@@ -251,15 +251,6 @@ def run_id_of(run_dir: Path) -> str:
     return run_id if isinstance(run_id, str) and run_id else run_dir.name
 
 
-def host_of(job_dir: Path) -> str | None:
-    """The GPU host (SSH connection id) a job's last container ran on, if it ran on one."""
-    try:
-        conn_id = read_json(job_dir / HOST_MARKER_NAME)["conn_id"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return conn_id if isinstance(conn_id, str) and conn_id else None
-
-
 def jobs_named_by(runs: Iterable[RunFolder]) -> set[str]:
     """Job keys the kept run folders name: planned (chunks), made (plans) and reused (plans' `answered`)."""
     named: set[str] = set()
@@ -289,7 +280,7 @@ def hints_named_in(files: Iterable[Path]) -> set[str]:
 
 
 class HostJobs:
-    """Job folders on the GPU hosts (runner docker), reached over the SSH hooks remote.py uses."""
+    """Job folders on the GPU hosts (runner docker), reached over the verified SSH connections of ssh_hosts.py."""
 
     def __init__(self, host_work_dir: str) -> None:
         self.host_work_dir = PurePosixPath(host_work_dir)
@@ -310,7 +301,8 @@ class HostJobs:
         return gone
 
     def _prune_on(self, conn_id: str, keys: list[str], run: Pass) -> set[str]:
-        from include.cosmos_upsample.remote import open_verified, running_job_keys, ssh_hook
+        from include.cosmos_upsample.containers import running_job_keys
+        from include.cosmos_upsample.ssh_hosts import open_verified, ssh_hook
 
         client = open_verified(ssh_hook(conn_id))
         try:

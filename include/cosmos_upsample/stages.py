@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
-from include.cosmos_upsample.batching import job_key, plan_jobs
+from include.cosmos_upsample.batching import PlannedJob, job_key, plan_jobs
 from include.cosmos_upsample.errors import NotThisRunner, SettingsError
 from include.cosmos_upsample.events import RunStart, announced_specs, claim_messages
 from include.cosmos_upsample.gpu_slots import all_slots, devices_of, engine_for
@@ -314,7 +314,7 @@ def _all_items(run: RunFolder, budget: int) -> list[Item]:
     return sorted(items, key=lambda item: item.source_path)
 
 
-def batch(run_dir: str | Path, chunk_path: str, validated: str) -> dict[str, Any]:
+def batch(run_dir: str | Path, chunk_path: str, validated: str) -> PlannedJob:
     """Write the model job of one chunk's valid items that no earlier job answered; returns it for upsample
     (a job without a key when there is nothing to send)."""
     from include.cosmos_upsample.merge import earlier_answers, flagged_attempts, point_to_job
@@ -355,12 +355,12 @@ def batch(run_dir: str | Path, chunk_path: str, validated: str) -> dict[str, Any
                 f"job {key}: its upsample task never reached the job (it did not run, or ran on a worker that does "
                 "not see work_dir: see README 'Shared storage'); see that task's log, then re-run").encode()])
             point_to_job(layout, key, keys)
-        job_info = {"job_key": key, "job_dir": str(job_dir) if job_dir else None, "conn_id": planned["conn_id"],
-                    "slot": planned["slot"], "devices": planned.get("devices"), "items": len(keys)}
-        write_json_atomic(run.job_plan(chunk), {"job": job_info, "answered": answered})
+        planned_job = PlannedJob(job_key=key, job_dir=job_dir, conn_id=planned["conn_id"], slot=planned["slot"],
+                                 devices=planned.get("devices"), items=len(keys))
+        write_json_atomic(run.job_plan(chunk), {"job": planned_job.model_dump(mode="json"), "answered": answered})
     log.info("%s: %d valid items (%d answered by earlier jobs) -> job %s of %d", chunk.name, len(valid),
              len(answered), key or "(none)", len(keys))
-    return job_info
+    return planned_job
 
 
 def _gpu_hosts_and_live_jobs(settings: Settings, layout: OutputLayout, keyed: Mapping[str, Any]):
@@ -368,7 +368,8 @@ def _gpu_hosts_and_live_jobs(settings: Settings, layout: OutputLayout, keyed: Ma
     items of jobs on hosts that did not answer (key -> why they are held back)."""
     if settings.runner != "docker":
         return [], [], {}
-    from include.cosmos_upsample.remote import gpu_hosts, live_remote_jobs
+    from include.cosmos_upsample.gpu_slots import gpu_hosts
+    from include.cosmos_upsample.live_jobs import live_remote_jobs
 
     pinned, unanswered = ([], {}) if settings.dry_run else live_remote_jobs(layout, settings, keyed)
     return gpu_hosts(settings.gpu_conn_ids), pinned, unanswered
@@ -380,7 +381,7 @@ def _worker_model(settings: Settings) -> str:
     return settings.model_id
 
 
-def upsample(run_dir: str | Path, job: dict[str, Any], map_index: int, context: Mapping[str, Any],
+def upsample(run_dir: str | Path, job: PlannedJob, map_index: int, context: Mapping[str, Any],
              endpoint: bool = False, defer: Callable[[dict[str, Any]], NoReturn] | None = None) -> dict[str, Any]:
     """Run a chunk's model job. Two tasks call this, because Airflow fixes a task's pool when the DAG is parsed:
     `upsample` (pool cosmos_gpu) for runners local and docker, `upsample_endpoint` (`endpoint=True`, pool
@@ -392,13 +393,13 @@ def upsample(run_dir: str | Path, job: dict[str, Any], map_index: int, context: 
     if (settings.runner == "endpoint") != endpoint:
         raise NotThisRunner(f"runner {settings.runner!r}: this job runs in the "
                             f"{'upsample_endpoint' if settings.runner == 'endpoint' else 'upsample'} task")
-    if settings.dry_run or not job["job_key"]:
+    if settings.dry_run or not job.job_key:
         log.info("nothing to send to a model (%s)", "dry run" if settings.dry_run else "no valid items")
-        return {"job_key": job["job_key"], "ran": False}
-    job_dir = Path(job["job_dir"])
+        return {"job_key": job.job_key, "ran": False}
+    job_dir = job.job_dir
     started_at = time.time()
     # If this try is the last, merge reports the job's unanswered items as failed with the note's reason.
-    with (noting_failure(job_dir / LAST_ERROR_NAME, f"job {job['job_key']}", task_id, context),
+    with (noting_failure(job_dir / LAST_ERROR_NAME, f"job {job.job_key}", task_id, context),
           timed_stage(run, "upsample", map_index)):
         if settings.runner == "local":
             from include.cosmos_upsample.runners import run_local_job
@@ -416,19 +417,19 @@ def upsample(run_dir: str | Path, job: dict[str, Any], map_index: int, context: 
                 raise SettingsError("runner docker waits for its container in Airflow's triggerer: run the upsample "
                                     "task as the DAG's UpsampleOperator")
             defer(trigger_kwargs(settings, job, start_docker_job(settings, job), started_at))
-    return {"job_key": job["job_key"], "ran": True}
+    return {"job_key": job.job_key, "ran": True}
 
 
-def upsample_resumed(run_dir: str | Path, job: dict[str, Any], map_index: int, context: Mapping[str, Any],
+def upsample_resumed(run_dir: str | Path, job: PlannedJob, map_index: int, context: Mapping[str, Any],
                      event: dict[str, Any]) -> dict[str, Any]:
     """Runner `docker`, after the trigger's event: fetch the ledger, remove the container, raise what ended it."""
     from include.cosmos_upsample.remote import finish_docker_job
 
     run, settings = open_run(run_dir)
-    with (noting_failure(Path(job["job_dir"]) / LAST_ERROR_NAME, f"job {job['job_key']}", "upsample", context),
+    with (noting_failure(job.job_dir / LAST_ERROR_NAME, f"job {job.job_key}", "upsample", context),
           timed_stage(run, "upsample", map_index, since=event["started_at"])):
         finish_docker_job(settings, job, event)
-    return {"job_key": job["job_key"], "ran": True}
+    return {"job_key": job.job_key, "ran": True}
 
 
 def _job_dirs(run: RunFolder) -> dict[str, Path]:
@@ -436,7 +437,7 @@ def _job_dirs(run: RunFolder) -> dict[str, Path]:
     jobs, answered = run.planned_jobs()
     job_dirs = {key: Path(job_dir) for key, job_dir in answered.items()}
     for job in jobs:
-        job_dir = Path(job["job_dir"])
+        job_dir = PlannedJob.model_validate(job).job_dir
         if (job_dir / MANIFEST_NAME).exists():
             job_dirs.update({item.key: job_dir for item in Job.read(job_dir).items})
     return job_dirs

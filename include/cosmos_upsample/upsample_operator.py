@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 from airflow.sdk import BaseOperator
 
+from include.cosmos_upsample.batching import PlannedJob
 from include.cosmos_upsample.errors import fails_fast
 
 # The trigger's own deadline ends a try past its execution_timeout with a reason; Airflow's trigger timeout, this
@@ -25,9 +26,9 @@ from include.cosmos_upsample.errors import fails_fast
 TRIGGER_TIMEOUT_GRACE = dt.timedelta(minutes=5)
 
 
-def job_label(job: dict[str, Any], where: str) -> str:
+def job_label(job: PlannedJob, where: str) -> str:
     """How an upsample task instance is named in the UI (the map_index_template of both upsample tasks)."""
-    return f"job {job['job_key'] or '-'} ({job['items']} prompts) on {job['conn_id'] or where}"
+    return f"job {job.job_key or '-'} ({job.items} prompts) on {job.conn_id or where}"
 
 
 class UpsampleOperator(BaseOperator):
@@ -35,17 +36,20 @@ class UpsampleOperator(BaseOperator):
 
     def __init__(self, *, run_dir: str, job: dict[str, Any], **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.run_dir, self.job = run_dir, job
+        self.run_dir, self.job = run_dir, job  # job: batch's PlannedJob as XCom carries it (JSON), once rendered
 
-    def label(self, context: Any) -> None:
-        context["job_label"] = job_label(self.job, "local")
+    def planned_job(self, context: Any) -> PlannedJob:
+        """The rendered job, validated, and the task instance named after it in the UI."""
+        job = PlannedJob.model_validate(self.job)
+        context["job_label"] = job_label(job, "local")
+        return job
 
     @fails_fast
     def execute(self, context: Any) -> dict[str, Any]:
         from include.cosmos_upsample import stages
 
-        self.label(context)
-        return stages.upsample(self.run_dir, self.job, context["ti"].map_index, context, defer=self.wait_for)
+        job = self.planned_job(context)
+        return stages.upsample(self.run_dir, job, context["ti"].map_index, context, defer=self.wait_for)
 
     def wait_for(self, following: dict[str, Any]) -> NoReturn:
         """Defer to the trigger following the started container (kwargs: stages.upsample), bounded by the try's
@@ -61,7 +65,7 @@ class UpsampleOperator(BaseOperator):
     def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
         from include.cosmos_upsample import stages
 
-        self.label(context)
+        job = self.planned_job(context)
         self.log.info("resumed after %.0f s: the container ended its wait with %s", time.time() - event["started_at"],
                       {key: event[key] for key in ("status", "exit_code")})
-        return stages.upsample_resumed(self.run_dir, self.job, context["ti"].map_index, context, event)
+        return stages.upsample_resumed(self.run_dir, job, context["ti"].map_index, context, event)

@@ -83,12 +83,15 @@ async def first_event(trigger, within: float | None = None):
 
 
 def run_docker_job(settings, job_info: dict) -> dict:
-    """One upsample try of runner `docker` in this process, as `airflow dags test` runs it: start (or adopt) the
-    container, follow it with the real trigger run in line, then finish (fetch the ledger, remove, raise)."""
+    """One upsample try of runner `docker` in this process, as `airflow dags test` runs it: take the job as XCom
+    hands it, start (or adopt) the container, follow it with the real trigger run in line, then finish (fetch the
+    ledger, remove, raise)."""
+    from include.cosmos_upsample.batching import PlannedJob
     from include.cosmos_upsample.docker_trigger import DockerJobTrigger
     from include.cosmos_upsample.remote import finish_docker_job, start_docker_job, trigger_kwargs
 
+    job = PlannedJob.model_validate(job_info)
     started_at = time.time()
-    container_id = start_docker_job(settings, job_info)
-    trigger = DockerJobTrigger(**trigger_kwargs(settings, job_info, container_id, started_at))
-    return finish_docker_job(settings, job_info, asyncio.run(first_event(trigger)).payload)
+    container_id = start_docker_job(settings, job)
+    trigger = DockerJobTrigger(**trigger_kwargs(settings, job, container_id, started_at))
+    return finish_docker_job(settings, job, asyncio.run(first_event(trigger)).payload)

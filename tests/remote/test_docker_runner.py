@@ -18,7 +18,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from include.cosmos_upsample.remote import RemoteJob, open_verified, ssh_hook, stage_job
+from include.cosmos_upsample.ssh_hosts import open_verified, ssh_hook
+from include.cosmos_upsample.staging import RemoteJob, stage_job
 from tests.helpers import latest_report, make_video, run_dag, write_spec
 from tests.remote.conftest import CONN_ID, deployment_env, docker_conf, host_work_dir, ssh_connection
 from tests.remote.proxy import CuttingProxy

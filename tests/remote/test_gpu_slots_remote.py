@@ -194,7 +194,7 @@ def test_gpus_that_cannot_be_listed_stop_the_job_and_never_widen_it(testbed, tmp
     """The test bed has no nvidia-smi, so a host declared `"gpus": "auto"` cannot be asked. A job planned on GPU 1
     must not fall back to "every GPU" under the host-wide lock while other jobs hold their GPUs' own locks (two jobs
     on one GPU): the try fails (retried) and nothing is started."""
-    from include.cosmos_upsample.remote import GpuDiscoveryFailed
+    from include.cosmos_upsample.gpu_slots import GpuDiscoveryFailed
 
     monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", ssh_connection(testbed, gpus="auto"))
     host_work_dir = deployment_env(testbed)["COSMOS_UPSAMPLE_HOST_WORK_DIR"]

@@ -12,16 +12,11 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
+from include.cosmos_upsample.containers import JOB_LABEL, verified_engine_client
 from include.cosmos_upsample.docker_trigger import DockerJobTrigger
 from include.cosmos_upsample.jobformat import LEDGER_NAME
-from include.cosmos_upsample.remote import (
-    JOB_LABEL,
-    RemoteJob,
-    _verified_engine_client,
-    open_verified,
-    ssh_hook,
-    sync_ledger,
-)
+from include.cosmos_upsample.ssh_hosts import open_verified, ssh_hook
+from include.cosmos_upsample.staging import RemoteJob, sync_ledger
 from tests.remote.conftest import CONN_ID, WORKER_IMAGE, first_event, host_work_dir, ssh_connection
 from tests.remote.proxy import CuttingProxy
 
@@ -71,6 +66,32 @@ def test_two_copiers_at_once_copy_every_ledger_byte_exactly_once(testbed, tmp_pa
     assert (local_job_dir / LEDGER_NAME).read_bytes() == host_ledger.read_bytes()
 
 
+def test_a_host_ledger_shorter_than_the_local_copy_replaces_it_whole(testbed, tmp_path, monkeypatch):
+    """The host's job folder was cleared and its worker began a new ledger: the local copy is no longer a prefix of
+    it, so it is replaced whole (atomically: no temporary file left beside it), and later tails append as usual."""
+    monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", ssh_connection(testbed))
+    job = RemoteJob(CONN_ID, f"short-{uuid.uuid4().hex[:12]}", PurePosixPath(host_work_dir(testbed)),
+                    PurePosixPath("/models"))
+    host_ledger = Path(str(job.ledger))
+    host_ledger.parent.mkdir(parents=True)
+    host_ledger.write_bytes(b'{"key": "new0"}\n')
+    local_job_dir = tmp_path / job.job_key
+    local_job_dir.mkdir()
+    (local_job_dir / LEDGER_NAME).write_bytes(b'{"key": "old0"}\n{"key": "old1"}\n')
+    client = open_verified(ssh_hook(CONN_ID))
+    try:
+        with client.open_sftp() as sftp:
+            assert sync_ledger(sftp, job, local_job_dir) == host_ledger.stat().st_size
+            assert (local_job_dir / LEDGER_NAME).read_bytes() == host_ledger.read_bytes()
+            with host_ledger.open("ab") as ledger:
+                ledger.write(b'{"key": "new1"}\n')
+            sync_ledger(sftp, job, local_job_dir)
+    finally:
+        client.close()
+    assert (local_job_dir / LEDGER_NAME).read_bytes() == host_ledger.read_bytes()
+    assert sorted(path.name for path in local_job_dir.iterdir() if path.name != ".lock") == [LEDGER_NAME]
+
+
 def test_the_trigger_follows_through_a_dropped_link_and_a_triggerer_restart(testbed, tmp_path, monkeypatch):
     """The real trigger follows a real container on the test bed while its host ledger grows: its SSH link is cut
     mid-wait (it reconnects), then it is cancelled (a triggerer going down) and re-created from its serialized kwargs
@@ -83,7 +104,7 @@ def test_the_trigger_follows_through_a_dropped_link_and_a_triggerer_restart(test
     local_job_dir.mkdir()
     monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", ssh_connection(testbed))
     client = open_verified(ssh_hook(CONN_ID))
-    api = _verified_engine_client(client, timeout=60)
+    api = verified_engine_client(client, timeout=60)
     container = api.create_container(WORKER_IMAGE, entrypoint=["sleep", "20"], labels={JOB_LABEL: job.job_key})["Id"]
     api.start(container)
 

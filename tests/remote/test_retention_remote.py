@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 from docker.errors import NotFound
 
+from include.cosmos_upsample.containers import JOB_LABEL, verified_engine_client
 from include.cosmos_upsample.layout import OutputLayout, write_json_atomic
-from include.cosmos_upsample.remote import JOB_LABEL, _verified_engine_client, open_verified, ssh_hook
 from include.cosmos_upsample.retention import prune
 from include.cosmos_upsample.settings import Settings
+from include.cosmos_upsample.ssh_hosts import open_verified, ssh_hook
 from tests.remote.conftest import CONN_ID, WORKER_IMAGE, deployment_env, ssh_connection
 
 pytestmark = pytest.mark.remote
@@ -61,7 +62,7 @@ def host(testbed, monkeypatch):
     host_work_dir.mkdir(parents=True)
     client = open_verified(ssh_hook(CONN_ID))
     try:
-        yield host_work_dir, _verified_engine_client(client, 60)
+        yield host_work_dir, verified_engine_client(client, 60)
     finally:
         client.close()
         shutil.rmtree(host_work_dir, ignore_errors=True)

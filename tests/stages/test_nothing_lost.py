@@ -24,7 +24,7 @@ from include.cosmos_upsample import stages
 from include.cosmos_upsample.items import load_items
 from include.cosmos_upsample.jobformat import Job, JobItem, Ledger
 from include.cosmos_upsample.layout import RunFolder, read_json, write_json_atomic
-from include.cosmos_upsample.remote import HOST_MARKER_NAME
+from include.cosmos_upsample.live_jobs import HOST_MARKER_NAME
 from include.cosmos_upsample.report_model import RunReport
 from include.cosmos_upsample.settings import DAG_ID
 from include.cosmos_upsample.shared_storage import MARKER_NAME, SharedStorageError
@@ -125,7 +125,7 @@ def test_an_edit_during_the_run_is_not_paired_with_the_old_answer(clip_folder, t
     edited = {**asked, "prompt": "A dog runs across a beach.", "name": "edited"}
     spec_file.write_text(json.dumps(edited))  # edited after discover read it ...
     job = stages.batch(run_dir, chunks[0], stages.validate_chunk(run_dir, chunks[0]))
-    assert Job.read(Path(job["job_dir"])).items[0].text.endswith(asked["prompt"])  # the model is asked the read one
+    assert Job.read(job.job_dir).items[0].text.endswith(asked["prompt"])  # the model is asked the read one
     stages.upsample(run_dir, job, 0, {})
     spec_file.write_text(json.dumps({**edited, "prompt": "A cat sleeps."}))  # ... and again before merge
     stages.merge(str(run_dir), "manual__edit")
@@ -184,17 +184,19 @@ def test_a_killed_upsample_task_says_so_in_each_item(clip_folder, tmp_path):
     # The upsample task in a process of its own, SIGKILLed with its worker as soon as the worker runs: a kill gives
     # it no chance to say anything.
     task = subprocess.Popen(
-        [sys.executable, "-c", "import json, sys; from include.cosmos_upsample import stages; "
-                               "stages.upsample(sys.argv[1], json.loads(sys.argv[2]), 0, {})", str(run_dir),
-         json.dumps(job)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+        [sys.executable, "-c", "import sys; from include.cosmos_upsample import stages; "
+                               "from include.cosmos_upsample.batching import PlannedJob; "
+                               "stages.upsample(sys.argv[1], PlannedJob.model_validate_json(sys.argv[2]), 0, {})",
+         str(run_dir), job.model_dump_json()],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
     deadline = time.monotonic() + 120
-    while not worker_of(Path(job["job_dir"])):
+    while not worker_of(job.job_dir):
         assert task.poll() is None and time.monotonic() < deadline, "the upsample task never started its worker"
         time.sleep(0.01)
     os.killpg(task.pid, signal.SIGKILL)
     task.wait(30)
     (reason,) = failed_reasons(run_dir, "manual__killed")
-    assert reason.startswith(f"job {job['job_key']} did not finish (started ") and "was killed" in reason, reason
+    assert reason.startswith(f"job {job.job_key} did not finish (started ") and "was killed" in reason, reason
 
 
 def test_an_upsample_task_that_never_reached_its_job_says_where_to_look(clip_folder, tmp_path):

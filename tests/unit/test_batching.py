@@ -1,9 +1,16 @@
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
 from include.cosmos_upsample import stages
 from include.cosmos_upsample.batching import (
     MAX_MAP_LENGTH,
     JobPlan,
+    PlannedJob,
     job_count,
     job_key,
     plan_jobs,
@@ -113,3 +120,26 @@ class TestChunksAreTheJobs:
         assert [c["engine"] for c in chunks] == [{"tensor_parallel_size": 2}] * 2
         # Each chunk records its slot's devices: its job runs on exactly these, never on a wider guess.
         assert [c["devices"] for c in chunks] == [["0", "1"], ["2", "3"]]
+
+
+class TestPlannedJob:
+    """The job batch hands to upsample travels through XCom as JSON and is read back typed."""
+
+    def test_xcom_carries_the_plan_files_json_and_gives_back_the_same_job(self):
+        job = PlannedJob(job_key="k1", job_dir=Path("/work/jobs/k1"), conn_id="gpu_a", slot=1, devices=("2", "3"),
+                         items=12)
+        carried = json.loads(json.dumps(job.model_dump(mode="json")))
+        assert carried == {"job_key": "k1", "job_dir": "/work/jobs/k1", "conn_id": "gpu_a", "slot": 1,
+                           "devices": ["2", "3"], "items": 12}
+        assert PlannedJob.model_validate(carried) == job
+
+    def test_a_job_planned_before_slots_and_devices_were_recorded_still_reads(self):
+        job = PlannedJob.model_validate({"job_key": "k1", "job_dir": "/w/k1", "conn_id": "gpu_a", "items": 3})
+        assert (job.slot, job.devices, job.job_dir) == (None, None, Path("/w/k1"))
+
+    def test_it_is_frozen_and_refuses_what_is_not_a_job(self):
+        job = PlannedJob(job_key=None, job_dir=None, conn_id=None, items=0)
+        with pytest.raises(ValidationError):
+            job.items = 3
+        with pytest.raises(ValidationError, match="items"):
+            PlannedJob.model_validate({"job_key": "k1", "job_dir": "/w/k1", "conn_id": None})

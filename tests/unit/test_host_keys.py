@@ -8,7 +8,7 @@ import json
 import pytest
 
 from include.cosmos_upsample.errors import NotRetryable, UnknownConnection
-from include.cosmos_upsample.remote import HostKeyError, ssh_hook
+from include.cosmos_upsample.ssh_hosts import HostKeyError, ssh_hook
 
 PINNED = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
 

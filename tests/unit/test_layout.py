@@ -74,8 +74,9 @@ class TestStagesUseTheGivenRunFolder:
         validated = stages.validate_chunk(str(run_dir), str(elsewhere))
         assert validated == str(run.validated(run.chunk(0)))
         job = stages.batch(str(run_dir), str(elsewhere), validated)
-        assert job == {"job_key": None, "job_dir": None, "conn_id": None, "slot": None, "devices": None, "items": 0}
-        assert read_json(run.job_plan(run.chunk(0))) == {"job": job, "answered": {}}
+        plan = {"job_key": None, "job_dir": None, "conn_id": None, "slot": None, "devices": None, "items": 0}
+        assert job.model_dump(mode="json") == plan
+        assert read_json(run.job_plan(run.chunk(0))) == {"job": plan, "answered": {}}
         assert stages.upsample(str(run_dir), job, 0, {}) == {"job_key": None, "ran": False}
         assert stages.merge(str(run_dir), "manual__r1") == str(run.merged)
         location = stages.report(str(run_dir), "manual__r1", "dag", "2026-01-01T00:00:00+00:00")

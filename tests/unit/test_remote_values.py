@@ -4,16 +4,10 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 
+from include.cosmos_upsample.containers import JOB_LABEL, SLOT_LABEL, SLOT_LOCK_LABEL, container_spec
 from include.cosmos_upsample.gpu_slots import host_gpus, placement
-from include.cosmos_upsample.remote import (
-    JOB_LABEL,
-    SLOT_LABEL,
-    SLOT_LOCK_LABEL,
-    RemoteJob,
-    container_spec,
-    remote_manifest,
-)
 from include.cosmos_upsample.settings import Settings
+from include.cosmos_upsample.staging import RemoteJob, remote_manifest
 
 JOB = RemoteJob("gpu_a", "job123", PurePosixPath("/srv/jobs"), PurePosixPath("/srv/models"))
 

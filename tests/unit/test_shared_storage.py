@@ -8,6 +8,7 @@ import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
 from include.cosmos_upsample import stages
+from include.cosmos_upsample.batching import PlannedJob
 from include.cosmos_upsample.errors import NotRetryable, fails_fast
 from include.cosmos_upsample.shared_storage import MARKER_NAME, SharedStorageError, require_shared, write_marker
 from tests.helpers import write_spec
@@ -62,7 +63,8 @@ class TestStagesCheckTheMarker:
         calls = {
             "validate": lambda: stages.validate_chunk(run_dir, chunks[0]),
             "batch": lambda: stages.batch(run_dir, chunks[0], validated),
-            "upsample": lambda: stages.upsample(run_dir, {"job_key": "k", "job_dir": None}, 0, {}),
+            "upsample": lambda: stages.upsample(run_dir, PlannedJob(job_key="k", job_dir=None, conn_id=None, items=1),
+                                                0, {}),
             "merge": lambda: stages.merge(str(run_dir), "manual__shared"),
             "report": lambda: stages.report(str(run_dir), "manual__shared", "dag", "2026-01-01T00:00:00+00:00"),
         }

@@ -14,8 +14,9 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowTaskTimeout, Tas
 
 from include.cosmos_upsample.docker_trigger import DockerJobTrigger
 from include.cosmos_upsample.errors import NotRetryable, WorkerFailed, WorkerRefused, fails_fast
-from include.cosmos_upsample.remote import RemoteJob, _raise_for
+from include.cosmos_upsample.remote import _raise_for
 from include.cosmos_upsample.stage_notes import noting_failure
+from include.cosmos_upsample.staging import RemoteJob
 from include.cosmos_upsample.upsample_operator import TRIGGER_TIMEOUT_GRACE, UpsampleOperator
 from include.cosmos_upsample.watchdog import WorkerStalled
 
