@@ -298,8 +298,13 @@ class Ledger:
         return {item.key for item in job.items if final_attempt(attempts.get(item.key, []), job.max_attempts(item))}
 
     def append(self, entry: dict[str, Any]) -> None:
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self.append_bytes((json.dumps(entry, ensure_ascii=False) + "\n").encode())
+
+    def append_bytes(self, data: bytes) -> None:
+        """Whole lines at the end, fsynced before returning: a line counts as done only once it is on disk (also the
+        copy of a host ledger's new tail, staging.sync_ledger)."""
+        with self.path.open("ab") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
 

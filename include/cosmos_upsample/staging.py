@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from include.cosmos_upsample.jobformat import LEDGER_NAME, MANIFEST_NAME, job_lock
+from include.cosmos_upsample.jobformat import LEDGER_NAME, MANIFEST_NAME, Ledger, job_lock
 from include.cosmos_upsample.layout import write_local_atomic
 
 # The longest a ledger copy waits for another process copying the same job's ledger.
@@ -146,8 +145,5 @@ def _copy_ledger_tail(sftp, job: RemoteJob, local_job_dir: Path) -> int:
         with sftp.open(str(job.ledger), "rb") as remote:
             remote.seek(have)
             tail = remote.read(size - have)
-        with target.open("ab") as local:
-            local.write(tail)
-            local.flush()
-            os.fsync(local.fileno())
+        Ledger(target).append_bytes(tail)
     return have + max(size - have, 0)
