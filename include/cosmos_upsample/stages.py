@@ -389,10 +389,9 @@ def upsample(run_dir: str | Path, job: PlannedJob, map_index: int, context: Mapp
     Runner `docker`: start (or adopt) its container, then `defer(trigger kwargs)` (the task defers to
     docker_trigger.DockerJobTrigger; it raises, and `upsample_resumed` takes over)."""
     run, settings = open_run(run_dir)
-    task_id = "upsample_endpoint" if endpoint else "upsample"
+    task_id, other_task = ("upsample_endpoint", "upsample") if endpoint else ("upsample", "upsample_endpoint")
     if (settings.runner == "endpoint") != endpoint:
-        raise NotThisRunner(f"runner {settings.runner!r}: this job runs in the "
-                            f"{'upsample_endpoint' if settings.runner == 'endpoint' else 'upsample'} task")
+        raise NotThisRunner(f"runner {settings.runner!r}: this job runs in the {other_task} task")
     if settings.dry_run or not job.job_key:
         log.info("nothing to send to a model (%s)", "dry run" if settings.dry_run else "no valid items")
         return {"job_key": job.job_key, "ran": False}
