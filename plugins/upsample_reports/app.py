@@ -177,6 +177,10 @@ def run_page(
     return _render(request, "run.html", context)
 
 
+# A file served as it is (an output spec, a hint frame): never sniffed as another type, never run as a page.
+SANDBOXED_FILE_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'; sandbox"}
+
+
 @router.get("/runs/{run_id}/items/{spec_id}")
 def output_spec(request: Request, run_id: str, spec_id: str) -> Response:
     try:
@@ -187,7 +191,7 @@ def output_spec(request: Request, run_id: str, spec_id: str) -> Response:
     path = item_output_file(report, record.report_path, spec_id) if report and record.report_path else None
     if path is None:
         return JSONResponse({"detail": f"The report of {run_id!r} names no output for {spec_id!r}"}, 404)
-    headers = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'; sandbox"}
+    headers = SANDBOXED_FILE_HEADERS
     if is_remote(path):  # an output in object storage (size checked by item_output_file)
         return Response(path.read_bytes(), media_type="application/json", headers=headers)
     return FileResponse(path, media_type="application/json", headers=headers)
@@ -204,8 +208,7 @@ def hint_frame(request: Request, run_id: str, spec_id: str, index: int = PathPar
     path = frames.frame_file(frames.run_folder_of(record), spec_id, index)
     if path is None:
         return JSONResponse({"detail": f"Run {run_id!r} names no frame {index} for {spec_id!r}"}, 404)
-    headers = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'; sandbox",
-               "Cache-Control": "private, max-age=3600"}
+    headers = {**SANDBOXED_FILE_HEADERS, "Cache-Control": "private, max-age=3600"}
     return FileResponse(path, media_type="image/jpeg", headers=headers)
 
 
