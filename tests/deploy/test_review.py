@@ -6,6 +6,7 @@ merged spec, the review files and the report then say what the person decided.""
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -26,10 +27,15 @@ PROMPTS = {**DEPLOY_PROMPTS, "drone": "A drone {{ 7 * 7 }} flies ![x](http://evi
 EDITED = "A robot arm lifts the red cup off the wooden table and sets it down again, edited by a reviewer."
 # Long enough for the test to answer the other two first; the scheduler then takes the default (Reject).
 REVIEW_TIMEOUT_SECONDS = 90
-# A person answers some seconds after a request appears; the test does the same. An answer within a second or two of
-# the task parking can be lost to an Airflow 3.3 race (RELIABILITY.md, "a review answered at once"): the scheduler
-# then gets the executor's late "success" of the parked process, retries the task, and the retry's new request
-# clears the answer (execution_api/routes/hitl.py, upsert_hitl_detail, case 3). The item then stays flagged.
+# A person answers some seconds after a request appears; the tests wait for the moment Airflow is ready for an answer
+# (RELIABILITY.md, "a review answered before its task parks"), then some seconds more. Airflow 3.3 writes the request
+# a moment before the task parks; an answer given in between is recorded but resumes nothing (core_api/routes/public/
+# hitl.py resumes only a parked task), so the task waits until its timeout, whose sweep then takes that answer
+# (scheduler_job_runner.check_awaiting_input_timeouts). An answer given after parking but before the scheduler has
+# processed the executor's "success" of the parked process (seen here up to 6 s late, unloaded) can be lost: the
+# scheduler then finds the answered task queued again with the same try, retries it ("task state changed
+# externally"), and the retry's new request clears the answer (execution_api/routes/hitl.py, upsert_hitl_detail,
+# case 3). The item then stays flagged.
 ANSWER_AFTER_SECONDS = 10
 
 
@@ -42,6 +48,30 @@ def answer(site, run_id: str, map_index: int, option: str, text: str) -> dict:
     response = site.request("PATCH", path, json={"chosen_options": [option], "params_input": {"answer": text}})
     assert response.status_code == 200, f"PATCH {path}: {response.status_code} {response.text[:2000]}"
     return response.json()
+
+
+def answer_once_parked(site, run_id: str, answers: dict[int, tuple[str, str]]) -> dict[int, float]:
+    """Answer each review task (map index -> (option, answer text)) ANSWER_AFTER_SECONDS after it was seen waiting
+    for its answer (`awaiting_input`, and the scheduler done with its parked process), as a person would; returns when
+    each was seen so (time.monotonic())."""
+    scheduler_log = site.home / "logs-components" / "scheduler.log"
+
+    def waiting_since(map_index: int) -> float | None:
+        tis = [ti for ti in site.task_instances(run_id) if ti["task_id"] == "review" and ti["map_index"] == map_index]
+        if [ti["state"] for ti in tis] != ["awaiting_input"]:
+            return None
+        # The scheduler's line once it has the executor's event of the parked process (jobs/scheduler_job_runner.py,
+        # _process_executor_events): from then on an answer resumes the task and nothing retries it.
+        released = re.compile(rf"TaskInstance Finished: dag_id={DAG_ID}, task_id=review, run_id={re.escape(run_id)}, "
+                              rf"map_index={map_index}, ti_id={tis[0]['id']},[^\n]*state=awaiting_input")
+        return time.monotonic() if released.search(scheduler_log.read_text(errors="replace")) else None
+
+    parked = {index: site.wait(lambda index=index: waiting_since(index), 300,
+                               f"review task {index} to wait for its answer") for index in answers}
+    time.sleep(max(0.0, ANSWER_AFTER_SECONDS - (time.monotonic() - max(parked.values()))))
+    for index, (option, text) in answers.items():
+        answer(site, run_id, index, option, text)
+    return parked
 
 
 def spec_of(detail: dict) -> str:
@@ -62,21 +92,13 @@ def test_a_reviewer_approves_one_with_an_edit_rejects_one_and_one_times_out(tmp_
             found = {spec_of(detail): detail for detail in hitl_details(site, run_id)}
             return found if all(stem in found for stem in stems) else None
 
-        def waiting_since(map_index: int) -> float | None:
-            states = [ti["state"] for ti in site.task_instances(run_id)
-                      if ti["task_id"] == "review" and ti["map_index"] == map_index]
-            return time.monotonic() if states == ["awaiting_input"] else None
-
         # Each request times out REVIEW_TIMEOUT_SECONDS after its own task began to wait: answer each of the two
         # ANSWER_AFTER_SECONDS after its task parked, well before that.
         by_spec = site.wait(lambda: requests_for("arm_cup", "forklift"), 900, "the first two review requests")
         arm, forklift = by_spec["arm_cup"], by_spec["forklift"]
-        parked = {stem: site.wait(lambda index=by_spec[stem]["task_instance"]["map_index"]: waiting_since(index), 300,
-                                  f"the review task of {stem} to wait for its answer")
-                  for stem in ("arm_cup", "forklift")}
-        time.sleep(max(0.0, ANSWER_AFTER_SECONDS - (time.monotonic() - max(parked.values()))))
-        answer(site, run_id, arm["task_instance"]["map_index"], "Approve", EDITED)
-        answer(site, run_id, forklift["task_instance"]["map_index"], "Reject", forklift["params"]["answer"]["value"])
+        parked = answer_once_parked(site, run_id, {
+            arm["task_instance"]["map_index"]: ("Approve", EDITED),
+            forklift["task_instance"]["map_index"]: ("Reject", forklift["params"]["answer"]["value"])})
         assert time.monotonic() - min(parked.values()) < REVIEW_TIMEOUT_SECONDS, "answered too late: the test is wrong"
         drone = site.wait(lambda: requests_for(*PROMPTS), 300, "the third review request")["drone"]
         waiting = [ti["state"] for ti in site.task_instances(run_id)

@@ -17,7 +17,7 @@ import pytest
 from include.cosmos_upsample.settings import DAG_ID, SAMPLE_INPUT_DIR
 from tests.browser import chromium, sign_in, wait_for
 from tests.deploy.test_local_executor import local_deployment
-from tests.deploy.test_review import answer, hitl_details
+from tests.deploy.test_review import answer_once_parked, hitl_details
 from tests.helpers import STRICT_QUALITY
 from tests.plugin.upsample_fixtures import ROOT, chromium_paths
 from tests.processes import simple_auth_password
@@ -75,9 +75,10 @@ def test_review_in_the_ui_and_the_run_page_of_a_real_run(tmp_path, migrated_db):
         assert "Hint frames the model saw" in page
         screenshot(driver, "review.png", tmp_path)
 
-        answer(site, run_id, map_index, "Approve", EDITED)
-        for detail in details[1:]:
-            answer(site, run_id, detail["task_instance"]["map_index"], "Reject", detail["params"]["answer"]["value"])
+        # As the reviewer would after reading the form: the first approved with an edit, the others rejected.
+        answer_once_parked(site, run_id, {map_index: ("Approve", EDITED)} | {
+            detail["task_instance"]["map_index"]: ("Reject", detail["params"]["answer"]["value"])
+            for detail in details[1:]})
         run = site.wait_run(run_id, 900)
         assert run["state"] == "success", (run, site.services.tails())
 
