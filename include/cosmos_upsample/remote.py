@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 from include.cosmos_upsample.batching import PlannedJob
@@ -48,8 +48,7 @@ def remote_job(settings: Settings, planned: PlannedJob) -> RemoteJob:
                      PurePosixPath(settings.host_model_dir))
 
 
-def _start_or_adopt(api, sftp, settings: Settings, job: RemoteJob, planned_job: PlannedJob, hosts: HostGpus,
-                    local_job_dir: Path) -> str:
+def _start_or_adopt(api, sftp, settings: Settings, job: RemoteJob, planned_job: PlannedJob, hosts: HostGpus) -> str:
     """The running container of this job (adopted), else a new one on a free slot of the host."""
     mine = running_containers(api, f"{JOB_LABEL}={job.job_key}")
     if mine:
@@ -62,11 +61,11 @@ def _start_or_adopt(api, sftp, settings: Settings, job: RemoteJob, planned_job: 
     planned = planned_slot(hosts.slots(), job.conn_id, planned_job.slot, planned_job.devices)
     slot: GpuSlot = choose_slot(hosts.slots(), busy, planned)
     place = placement(slot, settings.backend)
-    sent = stage_job(sftp, job, read_json(local_job_dir / MANIFEST_NAME), container_model(settings), place.engine)
+    sent = stage_job(sftp, job, read_json(planned_job.job_dir / MANIFEST_NAME), container_model(settings), place.engine)
     log.info("staged job %s on %s: %d frame file(s) sent", job.job_key, job.conn_id, sent)
     spec = container_spec(settings, job, place, uuid.uuid4().hex[:8])
     container_id = create_container(api, spec)
-    mark_host(local_job_dir, job.conn_id, spec.name)
+    mark_host(planned_job.job_dir, job.conn_id, spec.name)
     api.start(container_id)
     log.info("started container %s for job %s on slot %s (GPUs %s, lock %s)", spec.name, job.job_key, slot.label,
              list(slot.device_ids) or ("none" if slot.cpu_only else "all"), slot.lock_name)
@@ -82,7 +81,7 @@ def start_docker_job(settings: Settings, planned: PlannedJob) -> str:
         hosts = host_gpus_of(job.conn_id, client)
         api = verified_engine_client(client, timeout=60)
         with client.open_sftp() as sftp:
-            return _start_or_adopt(api, sftp, settings, job, planned, hosts, planned.job_dir)
+            return _start_or_adopt(api, sftp, settings, job, planned, hosts)
     finally:
         client.close()
 
