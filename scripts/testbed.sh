@@ -266,8 +266,11 @@ ensure_podman() {
 
     rm -f "$PODMAN_SOCK"
     log "starting podman system service on $PODMAN_SOCK"
-    setsid podman system service --time=0 "unix://$PODMAN_SOCK" \
-        </dev/null >>"$PODMAN_LOG" 2>&1 9>&- &
+    # Started from /: the service outlives this script, and conmon, which it starts for every container, needs the
+    # service's working directory; started in a clone deleted later, every container start failed with "write
+    # child: broken pipe" (conmon: "Failed to get working directory").
+    (cd / && exec setsid podman system service --time=0 "unix://$PODMAN_SOCK" \
+        </dev/null >>"$PODMAN_LOG" 2>&1 9>&-) &
     echo $! >"$PODMAN_PID"
     for _ in $(seq 150); do
         podman_ping && return 0
